@@ -1,0 +1,479 @@
+"""
+Every network and all the flow math of nanoflow, in one file.
+
+Conventions (SPEC section 2): images in [-1, 1]; t = 0 is data, t = 1 is noise;
+x_t = (1 - t) * x0 + t * eps and the network predicts the velocity v = eps - x0.
+Sampling integrates dx/dt = v from t = 1 down to t = 0.
+"""
+import math
+import os
+import pickle
+import shutil
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# shared pieces: modulation, time and label embeddings
+
+
+def modulate(x, shift, scale):
+    # AdaLN: x * (1 + scale) + shift, one (shift, scale) per sample broadcast over tokens
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def timestep_embedding(t, dim, t_scale=1000.0, max_period=10000.0):
+    """Sinusoidal embedding of t in [0, 1]; t is scaled by t_scale so that the whole
+    frequency ladder is used (unscaled, the embedding is nearly linear in t)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = (t_scale * t.float())[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    """t -> sinusoidal(freq_dim) -> MLP -> dim."""
+
+    def __init__(self, dim, freq_dim=256, t_scale=1000.0):
+        super().__init__()
+        self.freq_dim, self.t_scale = freq_dim, t_scale
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):
+        return self.mlp(timestep_embedding(t, self.freq_dim, self.t_scale))
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels -> vectors. Index num_classes is the null class used for CFG: in training a
+    label becomes null with probability p_uncond (label dropout)."""
+
+    def __init__(self, num_classes, dim, p_uncond=0.1):
+        super().__init__()
+        self.num_classes, self.p_uncond = num_classes, p_uncond
+        self.embedding = nn.Embedding(num_classes + 1, dim)
+
+    def token_drop(self, labels, force_drop_ids=None):
+        if force_drop_ids is None:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.p_uncond
+        else:
+            drop = force_drop_ids == 1
+        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+
+    def forward(self, labels, train=False, force_drop_ids=None):
+        if (train and self.p_uncond > 0) or force_drop_ids is not None:
+            labels = self.token_drop(labels, force_drop_ids)
+        return self.embedding(labels)
+
+
+# -----------------------------------------------------------------------------
+# 2D rotary position embedding: half the head dims rotate with the row, half with the column
+
+
+def rope_angles(rows, cols, head_dim, theta=10000.0):
+    """Angles [L, head_dim // 2] for tokens at integer positions (rows[i], cols[i])."""
+    quarter = head_dim // 4
+    freqs = 1.0 / theta ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    return torch.cat([rows.float()[:, None] * freqs, cols.float()[:, None] * freqs], dim=-1)
+
+
+def rope_grid(h, w, head_dim, theta=10000.0):
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij')
+    return rope_angles(rows.flatten(), cols.flatten(), head_dim, theta)
+
+
+def apply_rope(x, angles):
+    """Rotate consecutive pairs (x[2i], x[2i+1]) of the last dim of x [..., L, head_dim] by angles [L, head_dim/2]."""
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
+
+
+# -----------------------------------------------------------------------------
+# DiT-LLaMA
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * w, computed in the input's dtype (nn.RMSNorm falls off its fused path under bf16 autocast)."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, x.shape[-1:], self.weight.to(x.dtype), self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, n_heads, qk_norm=True, sdpa=True):
+        super().__init__()
+        assert dim % n_heads == 0 and (dim // n_heads) % 4 == 0, 'head dim must be a multiple of 4 for 2D RoPE'
+        self.n_heads, self.head_dim, self.sdpa = n_heads, dim // n_heads, sdpa
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+
+    def forward(self, x, angles):
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q = apply_rope(self.q_norm(q), angles).to(v.dtype)
+        k = apply_rope(self.k_norm(k), angles).to(v.dtype)
+        if self.sdpa:
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:  # the plain reference: softmax(q k^T / sqrt(d)) v
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
+            y = att.softmax(dim=-1) @ v
+        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x), hidden size 2/3 of 4*dim as in LLaMA, rounded up to a multiple of 32."""
+
+    def __init__(self, dim, multiple_of=32):
+        super().__init__()
+        hidden = multiple_of * math.ceil(int(2 * 4 * dim / 3) / multiple_of)
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block with AdaLN-Zero: 6 vectors (shift, scale, gate for attention and for the MLP)
+    from the conditioning; the modulation is zero at init, so the gates are 0 and the block is
+    the identity."""
+
+    def __init__(self, dim, n_heads, qk_norm=True, sdpa=True):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, n_heads, qk_norm, sdpa)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = SwiGLU(dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        nn.init.zeros_(self.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.adaLN_modulation[-1].bias)
+
+    def forward(self, x, c, angles):
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=-1)
+        x = x + gate_a.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_a, scale_a), angles)
+        x = x + gate_m.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """AdaLN (shift, scale, no gate) then a linear map to patch_size^2 * out_channels; zero-initialised."""
+
+    def __init__(self, dim, patch_size, out_channels):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        for m in (self.linear, self.adaLN_modulation[-1]):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+def patchify(x, p):
+    """[B, C, H, W] -> [B, (H/p)*(W/p), p*p*C], tokens in row-major order."""
+    B, C, H, W = x.shape
+    return x.view(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * C)
+
+
+def unpatchify(x, p, C, H, W):
+    """Inverse of patchify: [B, L, p*p*C] -> [B, C, H, W]."""
+    B = x.shape[0]
+    return x.view(B, H // p, W // p, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
+
+
+class DiT_Llama(nn.Module):
+    def __init__(self, in_channels=1, input_size=28, patch_size=2, dim=256, n_layers=6, n_heads=4,
+                 num_classes=10, p_uncond=0.1, qk_norm=True, stem_channels=32, t_scale=1000.0, sdpa=True):
+        super().__init__()
+        assert input_size % patch_size == 0, f'input_size {input_size} must be divisible by patch_size {patch_size}'
+        self.in_channels, self.input_size, self.patch_size, self.num_classes = in_channels, input_size, patch_size, num_classes
+        # a shallow conv stem gives every patch some local context before the linear patch embedding
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, stem_channels, 3, padding=1), nn.GroupNorm(8, stem_channels), nn.SiLU(),
+            nn.Conv2d(stem_channels, stem_channels, 3, padding=1), nn.GroupNorm(8, stem_channels), nn.SiLU())
+        self.x_embedder = nn.Linear(patch_size * patch_size * stem_channels, dim)
+        self.t_embedder = TimestepEmbedder(dim, t_scale=t_scale)
+        self.y_embedder = LabelEmbedder(num_classes, dim, p_uncond)
+        self.blocks = nn.ModuleList(TransformerBlock(dim, n_heads, qk_norm, sdpa) for _ in range(n_layers))
+        self.final_layer = FinalLayer(dim, patch_size, in_channels)
+        g = input_size // patch_size
+        self.register_buffer('angles', rope_grid(g, g, dim // n_heads), persistent=False)
+        self._init_weights()
+
+    def _init_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear) and m.weight.abs().sum() > 0:  # leave the zero-init (AdaLN-Zero) layers
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.normal_(self.y_embedder.embedding.weight, std=0.02)
+        for m in self.t_embedder.mlp[::2]:
+            nn.init.normal_(m.weight, std=0.02)
+
+    def forward(self, x, t, y=None, force_drop_ids=None):
+        B, C, H, W = x.shape
+        if y is None:  # unconditional: every label is the null class
+            y = torch.full((B,), self.num_classes, dtype=torch.long, device=x.device)
+        h = self.x_embedder(patchify(self.stem(x), self.patch_size))
+        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)
+        for block in self.blocks:
+            h = block(h, c, self.angles)
+        h = self.final_layer(h, c)
+        return unpatchify(h, self.patch_size, C, H, W)
+
+
+# -----------------------------------------------------------------------------
+# rectified flow: loss, time grids and ODE solvers with classifier-free guidance
+
+
+class RectifiedFlow:
+    """x_t = (1 - t) x0 + t eps, target v = eps - x0, loss = per-sample MSE over C*H*W."""
+
+    def __init__(self, t_sampling='logit_normal', ln_mean=0.0, ln_std=1.0, mode_scale=1.29, shift=1.0):
+        assert t_sampling in ('logit_normal', 'uniform', 'mode'), f'unknown t_sampling {t_sampling!r}'
+        self.t_sampling, self.ln_mean, self.ln_std, self.mode_scale, self.shift = t_sampling, ln_mean, ln_std, mode_scale, shift
+
+    def sample_t(self, n, device='cpu'):
+        if self.t_sampling == 'logit_normal':  # t = sigmoid(n), n ~ N(m, s)
+            t = torch.sigmoid(self.ln_mean + self.ln_std * torch.randn(n, device=device))
+        elif self.t_sampling == 'uniform':
+            t = torch.rand(n, device=device)
+        else:  # SD3's mode density: t = 1 - u - s (cos^2(pi u / 2) - 1 + u), u ~ U(0, 1)
+            u = torch.rand(n, device=device)
+            t = 1 - u - self.mode_scale * (torch.cos(math.pi / 2 * u) ** 2 - 1 + u)
+        return shift_t(t, self.shift)
+
+    def loss(self, model, x0, y=None):
+        """Returns the mean loss and the per-sample (t, loss) pairs."""
+        t = self.sample_t(x0.shape[0], x0.device)
+        eps = torch.randn_like(x0)
+        tb = t.view(-1, *[1] * (x0.dim() - 1))
+        x_t = (1 - tb) * x0 + tb * eps
+        v = model(x_t, t, y)
+        per_sample = ((v.float() - (eps - x0)) ** 2).mean(dim=tuple(range(1, x0.dim())))
+        return per_sample.mean(), (t.detach(), per_sample.detach())
+
+
+def shift_t(t, shift):
+    # SD3 resolution shift: t' = s t / (1 + (s - 1) t); s > 1 spends more time near noise
+    return shift * t / (1 + (shift - 1) * t) if shift != 1.0 else t
+
+
+def time_grid(steps, shift=1.0, device='cpu'):
+    """steps + 1 times from 1 (noise) down to 0 (data)."""
+    return shift_t(torch.linspace(1.0, 0.0, steps + 1, device=device), shift)
+
+
+def guided_velocity(model, x, t, y=None, cfg=1.0):
+    """v = v_uncond + cfg (v_cond - v_uncond), both passes in one doubled batch.
+    cfg = 1 is the plain conditional velocity; y = None is the unconditional model."""
+    tb = torch.full((x.shape[0],), float(t), device=x.device)
+    if y is None or cfg == 1.0:
+        return model(x, tb, y).to(x.dtype)
+    null = torch.full_like(y, model.num_classes)
+    v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([tb, tb]), torch.cat([y, null])).to(x.dtype).chunk(2)
+    return v_uncond + cfg * (v_cond - v_uncond)
+
+
+NFE_PER_STEP = {'euler': 1, 'midpoint': 2, 'heun': 2, 'rk4': 4}
+
+
+def ode_step(f, x, t, t_next, solver):
+    """One step of dx/dt = f(x, t) from t to t_next (dt = t_next - t is negative when sampling)."""
+    dt = t_next - t
+    if solver == 'euler':
+        return x + dt * f(x, t)
+    if solver == 'midpoint':
+        return x + dt * f(x + dt / 2 * f(x, t), t + dt / 2)
+    if solver == 'heun':  # trapezoid on the Euler predictor
+        k1 = f(x, t)
+        k2 = f(x + dt * k1, t_next)
+        return x + dt / 2 * (k1 + k2)
+    if solver == 'rk4':
+        k1 = f(x, t)
+        k2 = f(x + dt / 2 * k1, t + dt / 2)
+        k3 = f(x + dt / 2 * k2, t + dt / 2)
+        k4 = f(x + dt * k3, t_next)
+        return x + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    raise ValueError(f'unknown solver {solver!r}; choose one of {list(NFE_PER_STEP)}')
+
+
+@torch.no_grad()
+def sample(model, z, y=None, steps=50, cfg=1.0, solver='euler', shift=1.0, return_traj=False):
+    """Integrate from z (noise, t = 1) to t = 0. Returns x0, or (x0, [x at every grid time]) when
+    return_traj. The number of network evaluations is steps * NFE_PER_STEP[solver] (x2 batch with CFG)."""
+    ts = time_grid(steps, shift).tolist()
+    f = lambda x, t: guided_velocity(model, x, t, y, cfg)
+    x = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z  # integrate in fp32 (or fp64)
+    traj = [x]
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        x = ode_step(f, x, t, t_next, solver)
+        if return_traj:
+            traj.append(x)
+    return (x, traj) if return_traj else x
+
+
+# -----------------------------------------------------------------------------
+# EMA of the weights, used for sampling
+
+
+@torch.no_grad()
+def update_ema(ema_model, model, decay):
+    # ema <- decay * ema + (1 - decay) * w
+    ema_p = list(ema_model.parameters())
+    torch._foreach_lerp_(ema_p, [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_p)], 1 - decay)
+
+
+# -----------------------------------------------------------------------------
+# data, checkpoints and figures: the plumbing every script shares
+
+
+def _torchvision_idx(name, data_dir, train, download):
+    from torchvision import datasets
+    cls, folder = {'mnist': (datasets.MNIST, 'MNIST'), 'fashion_mnist': (datasets.FashionMNIST, 'FashionMNIST')}[name]
+    try:
+        return cls(data_dir, train=train, download=False)
+    except RuntimeError:
+        pass
+    made = not os.path.exists(os.path.join(data_dir, folder))
+    if download:
+        try:
+            return cls(data_dir, train=train, download=True)
+        except Exception:
+            pass
+    if made:  # leave nothing behind from a failed download
+        shutil.rmtree(os.path.join(data_dir, folder), ignore_errors=True)
+    files = ', '.join(f'{s}-{k}-ubyte' for s in ('train', 't10k') for k in ('images-idx3', 'labels-idx1'))
+    why = 'the download failed (offline?)' if download else 'download is off'
+    raise FileNotFoundError(f'{name} not found in {os.path.join(data_dir, folder, "raw")} and {why}: expected {files} '
+                            f'there; pass --data_dir=DIR that holds {folder}/raw/')
+
+
+def _cifar10(data_dir, train, download):
+    root = os.path.join(data_dir, 'cifar-10-batches-py')
+    files = [f'data_batch_{i}' for i in range(1, 6)] if train else ['test_batch']
+    if not all(os.path.isfile(os.path.join(root, f)) for f in files) and download:
+        try:
+            from torchvision.datasets.utils import download_and_extract_archive
+            download_and_extract_archive('https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz', data_dir,
+                                         md5='c58f30108f718f92721af3b95e74349a')
+        except Exception:
+            pass
+    if not all(os.path.isfile(os.path.join(root, f)) for f in files):
+        why = 'the download failed (offline?)' if download else 'download is off'
+        raise FileNotFoundError(
+            f'cifar10 not found in {root} and {why}: expected the python pickle batches {", ".join(files)} there; '
+            f'or use --dataset=folder --data_dir=DIR with one sub-folder of images per class')
+    xs, ys = [], []
+    for f in files:  # the real format: a pickled dict with 'data' uint8 [N, 3072] and 'labels'
+        with open(os.path.join(root, f), 'rb') as fh:
+            d = pickle.load(fh, encoding='latin1')
+        xs.append(torch.as_tensor(np.asarray(d['data'], dtype=np.uint8)).view(-1, 3, 32, 32))
+        ys.append(torch.as_tensor(d.get('labels', d.get('fine_labels'))))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def _image_folder(data_dir, image_size):
+    from torchvision import datasets, transforms
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(f'image folder {data_dir!r} not found: --dataset=folder wants --data_dir=DIR with one sub-folder of images per class')
+    tf = transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.PILToTensor()])
+    ds = datasets.ImageFolder(data_dir, transform=tf)  # its default loader converts to RGB
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    return x, torch.as_tensor(ds.targets)
+
+
+def load_dataset(name, data_dir, train=True, image_size=32, download=True):
+    """The whole dataset in memory: uint8 images [N, C, H, W] and int64 labels [N].
+    mnist / fashion_mnist / cifar10 in torchvision's layout under data_dir; folder: data_dir/<class>/<image>."""
+    if name in ('mnist', 'fashion_mnist'):
+        ds = _torchvision_idx(name, data_dir, train, download)
+        x, y = ds.data.unsqueeze(1), ds.targets
+    elif name == 'cifar10':
+        x, y = _cifar10(data_dir, train, download)
+    elif name == 'folder':
+        x, y = _image_folder(data_dir, image_size)
+    else:
+        raise ValueError(f"unknown dataset {name!r}: choose mnist, fashion_mnist, cifar10 or folder")
+    if len(x) == 0:
+        raise FileNotFoundError(f'dataset {name!r} under {data_dir!r} holds no images')
+    return x.contiguous(), y.long()
+
+
+def to_model_range(x_uint8):
+    return x_uint8.float() / 127.5 - 1.0  # [0, 255] -> [-1, 1]
+
+
+def save_checkpoint(ckpt, path):
+    """Atomic: write a temporary file, then rename it over the old checkpoint."""
+    tmp = path + '.tmp'
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location='cpu'):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'no checkpoint at {path}')
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:
+        raise ValueError(f'cannot read checkpoint {path} ({type(e).__name__}); it is damaged or not a torch file') from None
+    if not isinstance(ckpt, dict) or 'model_args' not in ckpt or 'model' not in ckpt:
+        raise ValueError(f'{path} is not a nanoflow checkpoint (no model_args / model)')
+    return ckpt
+
+
+def save_grid(x, path, nrow):
+    """Images in [-1, 1] -> one PNG grid."""
+    from torchvision.utils import save_image
+    save_image((x.float().clamp(-1, 1) + 1) / 2, path, nrow=nrow, padding=2, pad_value=1.0)
+
+
+def plot_loss(iters, losses, path, title='training loss'):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(iters, losses, lw=0.8, alpha=0.4, label='per log interval')
+    if len(losses) >= 10:  # a moving average makes the trend readable
+        k = max(len(losses) // 20, 2)
+        smooth = np.convolve(losses, np.ones(k) / k, mode='valid')
+        ax.plot(iters[k - 1:], smooth, lw=1.8, label=f'moving average ({k})')
+    ax.set(xlabel='iteration', ylabel='loss', title=title, yscale='log')
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_loss_vs_t(t, loss, path, bins=20):
+    """Mean per-sample loss in equal-width bins of t; returns (bin centres, means, counts)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    idx = (t.clamp(0, 1 - 1e-6) * bins).long()
+    counts = torch.bincount(idx, minlength=bins)
+    means = torch.bincount(idx, weights=loss.double(), minlength=bins) / counts.clamp(min=1)
+    centres = (torch.arange(bins) + 0.5) / bins
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ok = counts > 0
+    ax.plot(centres[ok], means[ok], 'o-')
+    ax.set(xlabel='t  (0 = data, 1 = noise)', ylabel='mean loss', title=f'loss versus t ({len(t)} samples)')
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return centres, means, counts

@@ -1,0 +1,15 @@
+# DiT-LLaMA on CIFAR-10: torchrun --nproc_per_node=4 train_dit.py config/dit_cifar10.py
+out_dir = 'out/dit_cifar10'
+dataset = 'cifar10'
+batch_size = 256
+epochs = 200
+learning_rate = 5e-4
+warmup_iters = 1000
+hflip = True
+ema_decay = 0.9999
+dim = 256
+n_layers = 10
+n_heads = 8
+patch_size = 2
+sample_interval = 5000
+ckpt_interval = 2000

@@ -1,0 +1,298 @@
+"""
+DiT-LLaMA rectified flow on MNIST, Fashion-MNIST, CIFAR-10 or a folder of images.
+
+    python train_dit.py --dataset=mnist                         # one process (CPU or one GPU)
+    python train_dit.py config/dit_cifar10.py --compile=True
+    torchrun --nproc_per_node=4 train_dit.py --dataset=cifar10  # DDP: NCCL on GPUs, gloo on CPU
+
+Writes under out_dir: ckpt.pt, log.jsonl, loss.png, loss_vs_t.png, samples_<iter>.png, samples.png.
+"""
+import copy
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data.distributed import DistributedSampler
+
+from model import (DiT_Llama, RectifiedFlow, load_checkpoint, load_dataset, plot_loss, plot_loss_vs_t, sample,
+                   save_checkpoint, save_grid, to_model_range, update_ema)
+
+# -----------------------------------------------------------------------------
+# default config: MNIST; config/dit_cifar10.py holds the CIFAR-10 preset
+# I/O
+out_dir = 'out/dit_mnist'
+data_dir = 'data'
+dataset = 'mnist'  # mnist | fashion_mnist | cifar10 | folder (data_dir/<class>/<image>)
+image_size = 32  # only for dataset=folder
+download = True
+init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+log_interval = 50
+sample_interval = 2000  # 0: only at the end
+ckpt_interval = 1000
+# training
+batch_size = 128  # global: split across DDP processes
+max_iters = 0  # 0: run `epochs` epochs
+epochs = 10
+learning_rate = 8e-4
+min_lr = 5e-5
+warmup_iters = 200
+lr_decay_iters = 0  # cosine decay to min_lr over this many iters; 0: max_iters, -1: constant lr
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.99
+grad_clip = 1.0
+ema_decay = 0.999
+hflip = False  # random horizontal flips (CIFAR-10)
+seed = 1337
+# flow
+t_sampling = 'logit_normal'  # logit_normal | uniform | mode
+p_uncond = 0.1  # label dropout for classifier-free guidance
+sample_steps = 50
+sample_cfg = 2.0
+# model
+dim = 128
+n_layers = 6
+n_heads = 4
+patch_size = 2
+qk_norm = True
+stem_channels = 32
+# system
+device = 'auto'  # auto | cpu | cuda
+dtype = 'bfloat16'  # bfloat16 (autocast) | float32
+compile = False
+attention = 'auto'  # sdpa | math (explicit softmax) | auto: sdpa on CUDA, math on CPU (faster there in bf16, see bench.py)
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+config = {k: globals()[k] for k in _config_keys}
+# -----------------------------------------------------------------------------
+
+
+def die(msg):
+    print(f'error: {msg}', file=sys.stderr)
+    sys.exit(1)
+
+
+for key, value, choices in [('dataset', dataset, ('mnist', 'fashion_mnist', 'cifar10', 'folder')),
+                            ('dtype', dtype, ('bfloat16', 'float32')), ('device', device, ('auto', 'cpu', 'cuda')),
+                            ('init_from', init_from, ('scratch', 'resume')), ('attention', attention, ('auto', 'sdpa', 'math')),
+                            ('t_sampling', t_sampling, ('logit_normal', 'uniform', 'mode'))]:
+    if value not in choices:
+        die(f"unknown {key} {value!r}: choose one of {', '.join(choices)}")
+
+# processes and devices: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE
+ddp = 'RANK' in os.environ
+rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')) if ddp else (0, 0, 1)
+if batch_size % world_size:
+    die(f'batch_size {batch_size} is not divisible by {world_size} processes: use a multiple of {world_size}')
+if device == 'auto':
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+if device == 'cuda' and not torch.cuda.is_available():
+    die('device=cuda but no GPU is visible: use --device=cpu (or auto)')
+if ddp:
+    if device == 'cuda':
+        device = f'cuda:{local_rank}'
+        torch.cuda.set_device(device)
+    dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
+master = rank == 0
+device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+torch.manual_seed(seed + rank)
+torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+ctx = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
+log = print if master else (lambda *a, **k: None)
+
+# data: the whole set as uint8 in memory; each process reads its DistributedSampler share
+if ddp and not master:
+    dist.barrier()  # rank 0 downloads first
+try:
+    x_all, y_all = load_dataset(dataset, data_dir, train=True, image_size=image_size, download=download and master)
+except (FileNotFoundError, ValueError) as e:
+    die(e)
+if ddp and master:
+    dist.barrier()
+C, H, W = x_all.shape[1:]
+num_classes = int(y_all.max()) + 1
+sampler = DistributedSampler(x_all, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+B = batch_size // world_size
+iters_per_epoch = len(sampler) // B
+if iters_per_epoch == 0:
+    die(f'{len(x_all)} images are fewer than one batch of {batch_size}: lower --batch_size')
+max_iters = max_iters or epochs * iters_per_epoch
+_order = {}
+
+
+def get_batch(it):
+    """Batch `it` of the run: the same on resume, since the order depends only on (seed, epoch)."""
+    epoch, i = divmod(it, iters_per_epoch)
+    if epoch not in _order:
+        sampler.set_epoch(epoch)
+        _order.clear()
+        _order[epoch] = torch.tensor(list(sampler))
+    idx = _order[epoch][i * B:(i + 1) * B]
+    x, y = to_model_range(x_all[idx]), y_all[idx]
+    if hflip:
+        x = torch.where(torch.rand(B, 1, 1, 1) < 0.5, x.flip(3), x)
+    return x.to(device), y.to(device)
+
+
+# model, EMA copy and optimizer, from scratch or from out_dir/ckpt.pt
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+model_args = dict(in_channels=C, input_size=H, patch_size=patch_size, dim=dim, n_layers=n_layers, n_heads=n_heads,
+                  num_classes=num_classes, p_uncond=p_uncond, qk_norm=qk_norm, stem_channels=stem_channels)
+iter_num, ckpt = 0, None
+if init_from == 'resume':
+    if not os.path.isfile(ckpt_path):
+        die(f"init_from='resume' but there is no checkpoint at {ckpt_path}: train with --init_from=scratch or set --out_dir")
+    try:
+        ckpt = load_checkpoint(ckpt_path)
+    except ValueError as e:
+        die(f'{e}; start again with --init_from=scratch')
+    if (ckpt['model_args']['in_channels'], ckpt['model_args']['input_size']) != (C, H):
+        die(f'{ckpt_path} was trained on {ckpt["model_args"]["input_size"]}px x{ckpt["model_args"]["in_channels"]} images, '
+            f'dataset {dataset} has {H}px x{C}: use the dataset of that run or another --out_dir')
+    model_args, iter_num = ckpt['model_args'], ckpt['iter_num']
+if H != W or H % model_args['patch_size']:
+    die(f'images are {H}x{W}: they must be square with a side divisible by patch_size {model_args["patch_size"]}')
+try:
+    model = DiT_Llama(**model_args, sdpa=attention == 'sdpa' or attention == 'auto' and device_type == 'cuda').to(device)
+except AssertionError as e:
+    die(e)
+ema = copy.deepcopy(model).eval().requires_grad_(False)
+optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay)
+if ckpt is not None:
+    model.load_state_dict(ckpt['model'])
+    ema.load_state_dict(ckpt['ema'])
+    optimizer.load_state_dict(ckpt['optimizer'])
+    rng = ckpt['rng'][rank] if len(ckpt['rng']) == world_size else None
+    if rng is not None:
+        torch.set_rng_state(rng['cpu'])
+        if rng['cuda'] is not None and device_type == 'cuda':
+            torch.cuda.set_rng_state(rng['cuda'])
+    else:
+        log(f'note: checkpoint has RNG states for {len(ckpt["rng"])} processes, not {world_size}; reseeding')
+        torch.manual_seed(seed + rank + iter_num)
+    del ckpt
+n_params = sum(p.numel() for p in model.parameters())
+train_model = torch.compile(model) if compile else model
+if ddp:
+    train_model = DDP(train_model, device_ids=[local_rank] if device_type == 'cuda' else None)
+flow = RectifiedFlow(t_sampling)
+
+
+def get_lr(it):
+    # linear warm-up, then cosine decay to min_lr
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    decay_iters = lr_decay_iters or max_iters
+    if lr_decay_iters < 0 or it >= decay_iters:
+        return learning_rate if lr_decay_iters < 0 else min_lr
+    ratio = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+def rng_states():
+    """Every process's RNG state, so a resumed DDP run draws the same noise."""
+    state = {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}
+    if not ddp:
+        return [state]
+    states = [None] * world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+@torch.no_grad()
+def write_samples(path):
+    """Rows = classes 0..9, 8 samples each, from the EMA weights; fixed noise so grids are comparable."""
+    n_rows = min(num_classes, 10)
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n_rows * 8, C, H, W, generator=g).to(device)
+    y = torch.arange(n_rows, device=device).repeat_interleave(8)
+    with ctx:
+        x = sample(ema, z, y, steps=sample_steps, cfg=sample_cfg)
+    save_grid(x, path, nrow=8)
+
+
+def write_plots():
+    rows = [json.loads(line) for line in open(log_path)]
+    plot_loss([r['iter'] for r in rows], [r['loss'] for r in rows], os.path.join(out_dir, 'loss.png'),
+              title=f'DiT-LLaMA rectified flow on {dataset}')
+    if t_seen:
+        plot_loss_vs_t(torch.cat(t_seen), torch.cat(loss_seen), os.path.join(out_dir, 'loss_vs_t.png'))
+
+
+log_path = os.path.join(out_dir, 'log.jsonl')
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    old = [line for line in open(log_path)] if iter_num and os.path.isfile(log_path) else []
+    with open(log_path, 'w') as f:  # on resume keep the log up to the checkpoint, drop what came after it
+        f.writelines(line for line in old if json.loads(line)['iter'] <= iter_num)
+log(f'DiT-LLaMA {n_params / 1e6:.2f}M params | {dataset} {len(x_all)} images {C}x{H}x{W}, {num_classes} classes | '
+    f'{world_size} process(es) on {device}, {dtype} | batch {batch_size}, {iters_per_epoch} iters/epoch, '
+    f'iters {iter_num} -> {max_iters}', flush=True)
+
+# training loop
+t_seen, loss_seen = [], []  # per-sample (t, loss) of the recent iterations, for the loss-versus-t plot
+loss_sum, loss_n, t_last, it_last, t_start = 0.0, 0, time.time(), iter_num, time.time()
+train_model.train()
+while iter_num < max_iters:
+    lr = get_lr(iter_num)
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    x0, y = get_batch(iter_num)
+    with ctx:
+        loss, (t, per_sample) = flow.loss(train_model, x0, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    loss_all = loss.detach().float().clone()
+    if ddp:
+        dist.all_reduce(loss_all)  # sum over processes: every process sees the same value
+        loss_all /= world_size
+    if not math.isfinite(loss_all.item()):
+        die(f'loss is {loss_all.item()} at iter {iter_num}; stopped without writing, the last good checkpoint '
+            f'({ckpt_path}) is untouched. Lower --learning_rate or use --dtype=float32, then --init_from=resume')
+    optimizer.step()
+    update_ema(ema, model, min(ema_decay, (1 + iter_num) / (10 + iter_num)))  # short EMA memory early on
+    iter_num += 1
+    loss_sum, loss_n = loss_sum + loss_all.item(), loss_n + 1
+    if master:
+        t_seen.append(t.cpu())
+        loss_seen.append(per_sample.cpu())
+        del t_seen[:-200], loss_seen[:-200]
+
+    if iter_num % log_interval == 0 or iter_num == max_iters:
+        dt = time.time() - t_last
+        img_s = (iter_num - it_last) * batch_size / dt
+        eta = (max_iters - iter_num) * dt / (iter_num - it_last)
+        row = dict(iter=iter_num, epoch=iter_num / iters_per_epoch, loss=loss_sum / loss_n, lr=lr, img_per_s=img_s,
+                   time=time.time() - t_start)
+        log(f'iter {iter_num}/{max_iters} (epoch {row["epoch"]:.2f}) | loss {row["loss"]:.4f} | lr {lr:.2e} | '
+            f'{img_s:.1f} img/s | ETA {int(eta // 60)}m{int(eta % 60):02d}s', flush=True)
+        if master:
+            with open(log_path, 'a') as f:
+                f.write(json.dumps(row) + '\n')
+        loss_sum, loss_n, t_last, it_last = 0.0, 0, time.time(), iter_num
+    if master and sample_interval and iter_num % sample_interval == 0 and iter_num < max_iters:
+        write_samples(os.path.join(out_dir, f'samples_{iter_num:06d}.png'))
+        t_last = time.time()
+    if iter_num % ckpt_interval == 0 or iter_num == max_iters:
+        rng = rng_states()
+        if master:
+            save_checkpoint(dict(model_args=model_args, model=model.state_dict(), ema=ema.state_dict(),
+                                 optimizer=optimizer.state_dict(), iter_num=iter_num, epoch=iter_num // iters_per_epoch,
+                                 config=config, rng=rng), ckpt_path)
+            write_plots()
+        t_last = time.time()
+
+if master:
+    write_plots()
+    write_samples(os.path.join(out_dir, 'samples.png'))
+    shutil.copy(os.path.join(out_dir, 'samples.png'), os.path.join(out_dir, f'samples_{iter_num:06d}.png'))
+    log(f'done: {iter_num} iters in {(time.time() - t_start) / 60:.1f} min; outputs in {out_dir}', flush=True)
+if ddp:
+    dist.destroy_process_group()

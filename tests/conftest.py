@@ -1,0 +1,75 @@
+"""Shared helpers: small fake datasets in the real file formats, and running a script as a user would."""
+import os
+import pickle
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# a tiny DiT so each end-to-end run takes seconds
+TINY_DIT = ['--dim=32', '--n_layers=2', '--n_heads=2', '--stem_channels=8', '--sample_steps=2', '--warmup_iters=0',
+            '--download=False', '--log_interval=1']
+
+
+def fake_images(n, size, channels, seed=0):
+    """Class k is a bright bar at a class-dependent row on a dark noisy background: easy to learn."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 10
+    x = rng.integers(0, 40, size=(n, channels, size, size), dtype=np.uint8)
+    for i, k in enumerate(labels):
+        r = 2 + 2 * k
+        x[i, :, r:r + 3, 3:size - 3] = 255
+    return x, labels.astype(np.uint8)
+
+
+def write_mnist(data_dir, n=256, folder='MNIST'):
+    """MNIST's IDX files: magic 2051 / 2049, big-endian sizes, then raw uint8."""
+    raw = os.path.join(data_dir, folder, 'raw')
+    os.makedirs(raw, exist_ok=True)
+    for split, count in (('train', n), ('t10k', 64)):
+        x, y = fake_images(count, 28, 1, seed=len(split))
+        with open(os.path.join(raw, f'{split}-images-idx3-ubyte'), 'wb') as f:
+            f.write(struct.pack('>IIII', 2051, count, 28, 28) + x[:, 0].tobytes())
+        with open(os.path.join(raw, f'{split}-labels-idx1-ubyte'), 'wb') as f:
+            f.write(struct.pack('>II', 2049, count) + y.tobytes())
+    return data_dir
+
+
+def write_cifar10(data_dir, n_per_batch=40):
+    """CIFAR-10's python format: pickled dicts with 'data' uint8 [N, 3072] (R, G, B planes) and 'labels'."""
+    root = os.path.join(data_dir, 'cifar-10-batches-py')
+    os.makedirs(root, exist_ok=True)
+    for i, name in enumerate([f'data_batch_{j}' for j in range(1, 6)] + ['test_batch']):
+        x, y = fake_images(n_per_batch, 32, 3, seed=i)
+        with open(os.path.join(root, name), 'wb') as f:
+            pickle.dump({'batch_label': name, 'labels': y.tolist(), 'data': x.reshape(n_per_batch, -1),
+                         'filenames': [f'{j}.png' for j in range(n_per_batch)]}, f)
+    with open(os.path.join(root, 'batches.meta'), 'wb') as f:
+        pickle.dump({'label_names': [f'class{k}' for k in range(10)], 'num_vis': 3072}, f)
+    return data_dir
+
+
+def run(script, *args, env=None, check=True, torchrun=0):
+    """Run a script from the repo root in a fresh process; returns the CompletedProcess."""
+    cmd = [sys.executable, os.path.join(ROOT, script), *args]
+    if torchrun:
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={torchrun}',
+               os.path.join(ROOT, script), *args]
+    full_env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore', **(env or {})}
+    p = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=900)
+    if check and p.returncode != 0:
+        raise AssertionError(f'{" ".join(cmd)} exited {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}')
+    return p
+
+
+@pytest.fixture(scope='session')
+def mnist_dir(tmp_path_factory):
+    return write_mnist(str(tmp_path_factory.mktemp('mnist_data')))
+
+
+@pytest.fixture(scope='session')
+def cifar_dir(tmp_path_factory):
+    return write_cifar10(str(tmp_path_factory.mktemp('cifar_data')))

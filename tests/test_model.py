@@ -1,0 +1,117 @@
+"""Shapes and identities of every DiT-LLaMA piece."""
+import math
+
+import pytest
+import torch
+
+from model import (Attention, DiT_Llama, FinalLayer, LabelEmbedder, TransformerBlock, apply_rope, modulate, patchify,
+                   rope_angles, rope_grid, timestep_embedding, unpatchify)
+
+
+def test_modulate_is_scale_then_shift_per_sample():
+    x = torch.randn(3, 5, 8)
+    shift, scale = torch.randn(3, 8), torch.randn(3, 8)
+    out = modulate(x, shift, scale)
+    for b in range(3):
+        assert torch.allclose(out[b], x[b] * (1 + scale[b]) + shift[b])
+    assert torch.equal(modulate(x, torch.zeros(3, 8), torch.zeros(3, 8)), x)
+
+
+def test_token_drop_uses_null_class():
+    emb = LabelEmbedder(num_classes=10, dim=4, p_uncond=0.5)
+    labels = torch.arange(10)
+    force = torch.tensor([1, 0] * 5)
+    dropped = emb.token_drop(labels, force)
+    assert torch.equal(dropped, torch.where(force == 1, torch.tensor(10), labels))
+    torch.manual_seed(0)
+    many = emb.token_drop(torch.zeros(20000, dtype=torch.long))
+    assert set(many.unique().tolist()) == {0, 10}
+    assert abs((many == 10).float().mean().item() - 0.5) < 0.02  # drops with probability p_uncond
+    assert torch.equal(LabelEmbedder(10, 4, p_uncond=0.0).token_drop(labels), labels)
+
+
+def test_timestep_embedding_uses_t_scale():
+    t = torch.tensor([0.0, 0.5, 1.0])
+    e = timestep_embedding(t, 16)
+    assert e.shape == (3, 16)
+    assert torch.allclose(e[0], torch.cat([torch.ones(8), torch.zeros(8)]))
+    # t is multiplied by 1000: the fastest frequency (1) sees angle 500 at t = 0.5
+    assert math.isclose(e[1, 0].item(), math.cos(500.0), abs_tol=1e-4)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    torch.manual_seed(0)
+    hd = 16
+    q, k = torch.randn(hd), torch.randn(hd)
+
+    def score(pq, pk):
+        a = rope_angles(torch.tensor([pq[0], pk[0]]), torch.tensor([pq[1], pk[1]]), hd)
+        rq, rk = apply_rope(torch.stack([q, k]), a)
+        return (rq * rk).sum().item()
+
+    base = score((1, 2), (4, 7))
+    assert math.isclose(score((5, 5), (8, 10)), base, rel_tol=1e-4)  # same (3, 5) offset
+    assert math.isclose(score((0, 0), (3, 5)), base, rel_tol=1e-4)
+    assert not math.isclose(score((0, 0), (5, 3)), base, rel_tol=1e-3)  # rows and columns are distinct
+    # rotation keeps norms
+    a = rope_grid(4, 4, hd)
+    x = torch.randn(2, 16, hd)
+    assert torch.allclose(apply_rope(x, a).norm(dim=-1), x.norm(dim=-1), atol=1e-5)
+
+
+def test_sdpa_equals_explicit_softmax_attention():
+    torch.manual_seed(0)
+    a, b = Attention(32, 4, sdpa=True), Attention(32, 4, sdpa=False)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 16, 32)
+    angles = rope_grid(4, 4, 8)
+    assert torch.allclose(a(x, angles), b(x, angles), atol=1e-5)
+
+
+def test_adaln_zero_block_is_identity_at_init():
+    torch.manual_seed(0)
+    block = TransformerBlock(32, 4)
+    x, c = torch.randn(2, 16, 32), torch.randn(2, 32)
+    assert torch.equal(block(x, c, rope_grid(4, 4, 8)), x)
+    final = FinalLayer(32, 2, 3)
+    assert torch.equal(final(x, c), torch.zeros(2, 16, 12))
+
+
+def test_unpatchify_inverts_patchify():
+    x = torch.randn(2, 3, 32, 32)
+    p = patchify(x, 2)
+    assert p.shape == (2, 256, 12)
+    assert torch.equal(p[0, 1], x[0, :, 0:2, 2:4].permute(1, 2, 0).reshape(-1))  # token 1 = row 0, column 1
+    assert torch.equal(unpatchify(p, 2, 3, 32, 32), x)
+    assert torch.equal(unpatchify(patchify(x, 4), 4, 3, 32, 32), x)
+
+
+@pytest.mark.parametrize('C,S,p', [(1, 28, 2), (3, 32, 2), (1, 28, 4)])
+def test_dit_output_shape_and_gradients(C, S, p):
+    torch.manual_seed(0)
+    model = DiT_Llama(in_channels=C, input_size=S, patch_size=p, dim=32, n_layers=2, n_heads=2, stem_channels=8)
+    x, t, y = torch.randn(4, C, S, S), torch.rand(4), torch.randint(0, 10, (4,))
+    out = model(x, t, y)
+    assert out.shape == (4, C, S, S)
+    assert torch.equal(out, torch.zeros_like(out))  # zero-initialised final layer
+    out.square().add(out).sum().backward()
+    assert model.final_layer.linear.weight.grad.abs().sum() > 0
+    assert model(x, t).shape == (4, C, S, S)  # no labels: the null class
+
+
+def test_dit_conditioning_changes_output_once_trained():
+    torch.manual_seed(0)
+    model = DiT_Llama(in_channels=1, input_size=8, patch_size=2, dim=32, n_layers=2, n_heads=2, stem_channels=8, p_uncond=0.0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(5):
+        x, t, y = torch.randn(8, 1, 8, 8), torch.rand(8), torch.randint(0, 10, (8,))
+        opt.zero_grad()
+        (model(x, t, y) - y.view(-1, 1, 1, 1).float() * t.view(-1, 1, 1, 1)).square().mean().backward()
+        opt.step()
+    model.eval()
+    x = torch.randn(2, 1, 8, 8)
+    t = torch.full((2,), 0.5)
+    out = lambda tt, yy: model(x, tt, torch.full((2,), yy))
+    assert (out(t, 3) - out(t, 7)).abs().max() > 1e-3
+    assert (out(t, 3) - out(torch.full((2,), 0.9), 3)).abs().max() > 1e-3
+    assert (out(t, 3) - out(t, 10)).abs().max() > 1e-3  # the null class is a class of its own

@@ -1,0 +1,136 @@
+"""train_dit.py end to end on small fake data in the real file formats: outputs, resume, DDP, bad input."""
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY_DIT, run
+from model import load_checkpoint
+
+
+def read_log(out_dir):
+    return [json.loads(line) for line in open(os.path.join(out_dir, 'log.jsonl'))]
+
+
+def grid_size(n_rows, n_cols, side, pad=2):
+    return n_cols * side + (n_cols + 1) * pad, n_rows * side + (n_rows + 1) * pad
+
+
+@pytest.fixture(scope='module')
+def mnist_run(mnist_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('dit_mnist'))
+    p = run('train_dit.py', f'--data_dir={mnist_dir}', f'--out_dir={out}', '--batch_size=32', '--max_iters=40',
+            '--learning_rate=2e-3', '--ckpt_interval=20', '--sample_interval=20', *TINY_DIT)
+    return out, p
+
+
+def test_mnist_run_loss_decreases(mnist_run):
+    out, p = mnist_run
+    rows = read_log(out)
+    assert [r['iter'] for r in rows] == list(range(1, 41))
+    first, last = np.mean([r['loss'] for r in rows[:5]]), np.mean([r['loss'] for r in rows[-5:]])
+    assert last < 0.8 * first, (first, last)
+    assert 'img/s' in p.stdout and 'ETA' in p.stdout
+
+
+def test_mnist_run_outputs_decode(mnist_run):
+    out, _ = mnist_run
+    for name in ('samples.png', 'samples_000020.png', 'samples_000040.png'):
+        img = Image.open(os.path.join(out, name))
+        assert img.size == grid_size(10, 8, 28)  # rows = classes 0..9, 8 samples each
+        assert np.asarray(img).std() > 5  # not a blank image
+    for name in ('loss.png', 'loss_vs_t.png'):
+        img = Image.open(os.path.join(out, name))
+        img.load()
+        assert img.size[0] > 300 and img.size[1] > 200
+    ckpt = load_checkpoint(os.path.join(out, 'ckpt.pt'))
+    assert ckpt['iter_num'] == 40 and ckpt['model_args']['input_size'] == 28 and ckpt['model_args']['dim'] == 32
+    assert {'model', 'ema', 'optimizer', 'epoch', 'config', 'rng'} <= set(ckpt)
+    assert not any(f.endswith('.tmp') for f in os.listdir(out))
+
+
+def test_cifar10_pickle_run(cifar_dir, tmp_path):
+    out = str(tmp_path / 'out')
+    run('train_dit.py', '--dataset=cifar10', f'--data_dir={cifar_dir}', f'--out_dir={out}', '--batch_size=16',
+        '--max_iters=3', '--hflip=True', *TINY_DIT)
+    assert Image.open(os.path.join(out, 'samples.png')).size == grid_size(10, 8, 32)
+    assert load_checkpoint(os.path.join(out, 'ckpt.pt'))['model_args']['in_channels'] == 3
+    assert len(read_log(out)) == 3
+
+
+def test_folder_dataset(tmp_path):
+    for k in range(3):
+        os.makedirs(tmp_path / 'imgs' / f'class{k}')
+        for i in range(6):
+            Image.fromarray(np.full((40, 48, 3), 40 * k + i, np.uint8)).save(tmp_path / 'imgs' / f'class{k}' / f'{i}.png')
+    out = str(tmp_path / 'out')
+    run('train_dit.py', '--dataset=folder', f'--data_dir={tmp_path / "imgs"}', '--image_size=16', f'--out_dir={out}',
+        '--batch_size=6', '--max_iters=2', *TINY_DIT)
+    assert Image.open(os.path.join(out, 'samples.png')).size == grid_size(3, 8, 16)
+
+
+def test_resume_equals_uninterrupted_run(mnist_dir, tmp_path):
+    common = [f'--data_dir={mnist_dir}', '--batch_size=32', '--lr_decay_iters=12', '--ckpt_interval=100', *TINY_DIT]
+    a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
+    run('train_dit.py', f'--out_dir={a}', '--max_iters=12', *common)  # 12 iters = 1.5 epochs of 256 images
+    run('train_dit.py', f'--out_dir={b}', '--max_iters=5', *common)
+    run('train_dit.py', f'--out_dir={b}', '--max_iters=12', '--init_from=resume', *common)
+    ca, cb = load_checkpoint(os.path.join(a, 'ckpt.pt')), load_checkpoint(os.path.join(b, 'ckpt.pt'))
+    assert cb['iter_num'] == 12
+    for key in ('model', 'ema'):
+        for name, w in ca[key].items():
+            assert torch.equal(w, cb[key][name]), (key, name)
+    assert [r['iter'] for r in read_log(b)] == list(range(1, 13))
+
+
+def test_ddp_two_processes_gloo(mnist_dir, tmp_path):
+    out = str(tmp_path / 'ddp')
+    p = run('train_dit.py', f'--data_dir={mnist_dir}', f'--out_dir={out}', '--batch_size=32', '--max_iters=6',
+            *TINY_DIT, torchrun=2)
+    assert p.stdout.count('iter 6/6') == 1  # only rank 0 logs
+    assert '2 process(es) on cpu' in p.stdout
+    ckpt = load_checkpoint(os.path.join(out, 'ckpt.pt'))
+    assert ckpt['iter_num'] == 6 and len(ckpt['rng']) == 2
+    assert not torch.equal(ckpt['rng'][0]['cpu'], ckpt['rng'][1]['cpu'])  # each rank draws its own noise
+    assert len(read_log(out)) == 6 and Image.open(os.path.join(out, 'samples.png')).size == grid_size(10, 8, 28)
+
+
+def one_line_error(p, *words):
+    assert p.returncode != 0
+    assert 'Traceback' not in p.stderr
+    lines = [line for line in p.stderr.splitlines() if line.startswith('error:')]
+    assert len(lines) == 1, p.stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+def test_bad_input_errors(mnist_dir, tmp_path):
+    out = str(tmp_path / 'never')
+    one_line_error(run('train_dit.py', '--dataset=imagenet', f'--out_dir={out}', check=False), "unknown dataset 'imagenet'")
+    one_line_error(run('train_dit.py', f'--data_dir={tmp_path / "empty"}', f'--out_dir={out}', '--download=False', check=False),
+                   'mnist not found', 'train-images-idx3-ubyte', '--data_dir')
+    one_line_error(run('train_dit.py', f'--data_dir={mnist_dir}', f'--out_dir={out}', '--init_from=resume', check=False),
+                   'no checkpoint', '--init_from=scratch')
+    one_line_error(run('train_dit.py', f'--data_dir={mnist_dir}', f'--out_dir={out}', '--batch_size=33', check=False,
+                       env=dict(RANK='0', LOCAL_RANK='0', WORLD_SIZE='2')), 'not divisible by 2')
+    assert not os.path.exists(out) and not os.path.exists(tmp_path / 'empty')  # nothing left behind
+    bad = tmp_path / 'bad'
+    bad.mkdir()
+    (bad / 'ckpt.pt').write_bytes(b'not a checkpoint')
+    one_line_error(run('train_dit.py', f'--data_dir={mnist_dir}', f'--out_dir={bad}', '--init_from=resume', check=False),
+                   'cannot read checkpoint')
+    assert (bad / 'ckpt.pt').read_bytes() == b'not a checkpoint' and os.listdir(bad) == ['ckpt.pt']
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(mnist_dir, tmp_path):
+    out = str(tmp_path / 'nan')
+    run('train_dit.py', f'--data_dir={mnist_dir}', f'--out_dir={out}', '--batch_size=32', '--max_iters=2', *TINY_DIT)
+    digest = hashlib.sha256(open(os.path.join(out, 'ckpt.pt'), 'rb').read()).hexdigest()
+    p = run('train_dit.py', f'--data_dir={mnist_dir}', f'--out_dir={out}', '--batch_size=32', '--max_iters=30',
+            '--init_from=resume', '--learning_rate=1e30', '--grad_clip=1e30', '--ckpt_interval=1000', *TINY_DIT, check=False)
+    one_line_error(p, 'loss is', 'last good checkpoint')
+    assert hashlib.sha256(open(os.path.join(out, 'ckpt.pt'), 'rb').read()).hexdigest() == digest

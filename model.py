@@ -9,6 +9,7 @@ import math
 import os
 import pickle
 import shutil
+import time
 
 import numpy as np
 import torch
@@ -232,6 +233,104 @@ class DiT_Llama(nn.Module):
             h = block(h, c, self.angles)
         h = self.final_layer(h, c)
         return unpatchify(h, self.patch_size, C, H, W)
+
+
+# -----------------------------------------------------------------------------
+# UNet: one network for the one-step denoiser (no conditioning), the flow model (time) and the
+# CFG model (time + class with a null class), chosen by its arguments
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice with a residual; the conditioning scales and shifts the second norm."""
+
+    def __init__(self, c_in, c_out, emb_dim=0):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(min(8, c_in), c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2, self.conv2 = nn.GroupNorm(min(8, c_out), c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * c_out)) if emb_dim else None
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x, emb=None):
+        h = self.norm2(self.conv1(F.silu(self.norm1(x))))
+        if self.emb is not None:  # h * (1 + scale) + shift from the time (+ class) embedding
+            scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)
+            h = h * (1 + scale) + shift
+        return self.skip(x) + self.conv2(F.silu(h))
+
+
+class AttnBlock(nn.Module):
+    """Self-attention over the H*W positions of a feature map, with a residual."""
+
+    def __init__(self, c, n_heads=4):
+        super().__init__()
+        self.n_heads = n_heads
+        self.norm, self.qkv, self.proj = nn.GroupNorm(min(8, c), c), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(B, 3, self.n_heads, C // self.n_heads, H * W).transpose(-1, -2).unbind(1)
+        y = F.scaled_dot_product_attention(q, k, v)  # [B, heads, HW, C / heads]
+        return x + self.proj(y.transpose(-1, -2).reshape(B, C, H, W))
+
+
+class UNet(nn.Module):
+    def __init__(self, in_channels=1, base_channels=32, channel_mult=(1, 2, 2), attn_levels=(2,), n_res=2,
+                 time_cond=True, num_classes=0, p_uncond=0.1, t_scale=1000.0):
+        super().__init__()
+        self.time_cond, self.num_classes = time_cond, num_classes
+        emb_dim = 4 * base_channels if (time_cond or num_classes) else 0
+        self.t_embedder = TimestepEmbedder(emb_dim, base_channels, t_scale) if time_cond else None
+        self.y_embedder = LabelEmbedder(num_classes, emb_dim, p_uncond) if num_classes else None
+        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        chans, ch = [base_channels], base_channels
+        self.down = nn.ModuleList()
+        for level, mult in enumerate(channel_mult):
+            for _ in range(n_res):
+                self.down.append(nn.ModuleList([ResBlock(ch, base_channels * mult, emb_dim)]))
+                ch = base_channels * mult
+                if level in attn_levels:
+                    self.down[-1].append(AttnBlock(ch))
+                chans.append(ch)
+            if level < len(channel_mult) - 1:
+                self.down.append(nn.ModuleList([nn.Conv2d(ch, ch, 3, stride=2, padding=1)]))
+                chans.append(ch)
+        self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim), AttnBlock(ch), ResBlock(ch, ch, emb_dim)])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(n_res + 1):
+                self.up.append(nn.ModuleList([ResBlock(ch + chans.pop(), base_channels * mult, emb_dim)]))
+                ch = base_channels * mult
+                if level in attn_levels:
+                    self.up[-1].append(AttnBlock(ch))
+            if level > 0:
+                self.up.append(nn.ModuleList([nn.Upsample(scale_factor=2, mode='nearest'), nn.Conv2d(ch, ch, 3, padding=1)]))
+        self.out = nn.Sequential(nn.GroupNorm(min(8, ch), ch), nn.SiLU(), nn.Conv2d(ch, in_channels, 3, padding=1))
+
+    def _run(self, layers, h, emb):
+        for layer in layers:
+            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+        return h
+
+    def forward(self, x, t=None, y=None):
+        emb = None
+        if self.time_cond:
+            emb = self.t_embedder(t)
+        if self.num_classes:
+            if y is None:  # unconditional: the null class
+                y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
+            e = self.y_embedder(y, self.training)
+            emb = e if emb is None else emb + e
+        h = self.conv_in(x)
+        skips = [h]
+        for layers in self.down:
+            h = self._run(layers, h, emb)
+            skips.append(h)
+        h = self._run(self.mid, h, emb)
+        for layers in self.up:
+            if isinstance(layers[0], ResBlock):
+                h = torch.cat([h, skips.pop()], dim=1)
+            h = self._run(layers, h, emb)
+        return self.out(h)
 
 
 # -----------------------------------------------------------------------------
@@ -477,3 +576,133 @@ def plot_loss_vs_t(t, loss, path, bins=20):
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return centres, means, counts
+
+
+# -----------------------------------------------------------------------------
+# training plumbing shared by the train_*.py scripts
+
+
+def setup_distributed(device, batch_size):
+    """Processes from torchrun's RANK / LOCAL_RANK / WORLD_SIZE (one process without them) and the device.
+    Returns (ddp, rank, local_rank, world_size, device); the process group uses NCCL on GPU, gloo on CPU."""
+    import torch.distributed as dist
+    ddp = 'RANK' in os.environ
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')) if ddp else (0, 0, 1)
+    if batch_size % world_size:
+        raise ValueError(f'batch_size {batch_size} is not divisible by {world_size} processes: use a multiple of {world_size}')
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if device == 'cuda' and not torch.cuda.is_available():
+        raise ValueError('device=cuda but no GPU is visible: use --device=cpu (or auto)')
+    if ddp:
+        if device == 'cuda':
+            device = f'cuda:{local_rank}'
+            torch.cuda.set_device(device)
+        dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
+    return ddp, rank, local_rank, world_size, device
+
+
+class Batches:
+    """Batch number `it` of a run over in-memory uint8 images: the order depends only on (seed, epoch),
+    through a DistributedSampler share per process, so a resumed run sees exactly the same batches."""
+
+    def __init__(self, x, y, batch_size, world_size=1, rank=0, seed=0, size=None, hflip=False, device='cpu'):
+        from torch.utils.data.distributed import DistributedSampler
+        self.x, self.y, self.B, self.size, self.hflip, self.device = x, y, batch_size // world_size, size, hflip, device
+        self.sampler = DistributedSampler(x, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.iters_per_epoch = len(self.sampler) // self.B
+        self.epoch, self.order = None, None
+
+    def get(self, it):
+        epoch, i = divmod(it, self.iters_per_epoch)
+        if epoch != self.epoch:
+            self.sampler.set_epoch(epoch)
+            self.epoch, self.order = epoch, torch.tensor(list(self.sampler))
+        idx = self.order[i * self.B:(i + 1) * self.B]
+        x = resize(to_model_range(self.x[idx]), self.size)
+        if self.hflip:
+            x = torch.where(torch.rand(self.B, 1, 1, 1) < 0.5, x.flip(3), x)
+        return x.to(self.device), self.y[idx].to(self.device)
+
+
+def resize(x, size):
+    return x if size is None or x.shape[-1] == size else F.interpolate(x, size=(size, size), mode='bilinear', antialias=True)
+
+
+def cosine_lr(it, lr, min_lr, warmup_iters, decay_iters):
+    """Linear warm-up to lr, then cosine decay to min_lr at decay_iters (decay_iters < 0: constant lr)."""
+    if it < warmup_iters:
+        return lr * (it + 1) / (warmup_iters + 1)
+    if decay_iters < 0:
+        return lr
+    if it >= decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+
+def rng_states(ddp, world_size):
+    """Every process's RNG state (gathered to each process), so a resumed DDP run draws the same noise."""
+    state = {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    if not ddp:
+        return [state]
+    import torch.distributed as dist
+    states = [None] * world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def set_rng_states(states, rank, world_size, fallback_seed):
+    """Restore this process's RNG state; returns False (and reseeds) when the process count changed."""
+    if len(states) != world_size:
+        torch.manual_seed(fallback_seed)
+        return False
+    torch.set_rng_state(states[rank]['cpu'])
+    if states[rank]['cuda'] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states[rank]['cuda'])
+    return True
+
+
+def mean_over_processes(x, ddp, world_size):
+    """The same scalar on every process: the mean of x over processes."""
+    x = x.detach().float().clone()
+    if ddp:
+        import torch.distributed as dist
+        dist.all_reduce(x)  # a sum: gloo has no AVG
+        x /= world_size
+    return x.item()
+
+
+def start_log(log_path, iter_num):
+    """A JSON-lines log; on resume keep the rows up to the checkpoint's iteration, drop what came after it."""
+    import json
+    old = open(log_path).readlines() if iter_num and os.path.isfile(log_path) else []
+    with open(log_path, 'w') as f:
+        f.writelines(line for line in old if json.loads(line)['iter'] <= iter_num)
+
+
+class Progress:
+    """Mean loss, images/s and ETA since the last report; `pause()` after sampling or checkpointing keeps
+    that work out of the speed."""
+
+    def __init__(self, iter_num, max_iters, batch_size, iters_per_epoch):
+        self.max_iters, self.batch_size, self.iters_per_epoch = max_iters, batch_size, iters_per_epoch
+        self.t_start = time.time()
+        self.loss_sum, self.n, self.t_last, self.it_last = 0.0, 0, time.time(), iter_num
+
+    def add(self, loss):
+        self.loss_sum, self.n = self.loss_sum + loss, self.n + 1
+
+    def pause(self):
+        self.t_last = time.time()
+
+    def report(self, iter_num, lr):
+        dt = time.time() - self.t_last
+        img_s = (iter_num - self.it_last) * self.batch_size / dt
+        eta = (self.max_iters - iter_num) * dt / max(1, iter_num - self.it_last)
+        row = dict(iter=iter_num, epoch=iter_num / self.iters_per_epoch, loss=self.loss_sum / max(1, self.n), lr=lr,
+                   img_per_s=img_s, time=time.time() - self.t_start)
+        line = (f'iter {iter_num}/{self.max_iters} (epoch {row["epoch"]:.2f}) | loss {row["loss"]:.4f} | lr {lr:.2e} | '
+                f'{img_s:.1f} img/s | ETA {int(eta // 60)}m{int(eta % 60):02d}s')
+        self.loss_sum, self.n, self.t_last, self.it_last = 0.0, 0, time.time(), iter_num
+        return row, line

@@ -19,10 +19,10 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data.distributed import DistributedSampler
 
-from model import (DiT_Llama, RectifiedFlow, load_checkpoint, load_dataset, plot_loss, plot_loss_vs_t, sample,
-                   save_checkpoint, save_grid, to_model_range, update_ema)
+from model import (Batches, DiT_Llama, Progress, RectifiedFlow, cosine_lr, load_checkpoint, load_dataset,
+                   mean_over_processes, plot_loss, plot_loss_vs_t, rng_states, sample, save_checkpoint, save_grid,
+                   set_rng_states, setup_distributed, start_log, update_ema)
 
 # -----------------------------------------------------------------------------
 # default config: MNIST; config/dit_cifar10.py holds the CIFAR-10 preset
@@ -86,19 +86,10 @@ for key, value, choices in [('dataset', dataset, ('mnist', 'fashion_mnist', 'cif
         die(f"unknown {key} {value!r}: choose one of {', '.join(choices)}")
 
 # processes and devices: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE
-ddp = 'RANK' in os.environ
-rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')) if ddp else (0, 0, 1)
-if batch_size % world_size:
-    die(f'batch_size {batch_size} is not divisible by {world_size} processes: use a multiple of {world_size}')
-if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'cpu'
-if device == 'cuda' and not torch.cuda.is_available():
-    die('device=cuda but no GPU is visible: use --device=cpu (or auto)')
-if ddp:
-    if device == 'cuda':
-        device = f'cuda:{local_rank}'
-        torch.cuda.set_device(device)
-    dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
+try:
+    ddp, rank, local_rank, world_size, device = setup_distributed(device, batch_size)
+except ValueError as e:
+    die(e)
 master = rank == 0
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 torch.manual_seed(seed + rank)
@@ -117,27 +108,11 @@ if ddp and master:
     dist.barrier()
 C, H, W = x_all.shape[1:]
 num_classes = int(y_all.max()) + 1
-sampler = DistributedSampler(x_all, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
-B = batch_size // world_size
-iters_per_epoch = len(sampler) // B
+batches = Batches(x_all, y_all, batch_size, world_size, rank, seed, hflip=hflip, device=device)
+iters_per_epoch = batches.iters_per_epoch
 if iters_per_epoch == 0:
     die(f'{len(x_all)} images are fewer than one batch of {batch_size}: lower --batch_size')
 max_iters = max_iters or epochs * iters_per_epoch
-_order = {}
-
-
-def get_batch(it):
-    """Batch `it` of the run: the same on resume, since the order depends only on (seed, epoch)."""
-    epoch, i = divmod(it, iters_per_epoch)
-    if epoch not in _order:
-        sampler.set_epoch(epoch)
-        _order.clear()
-        _order[epoch] = torch.tensor(list(sampler))
-    idx = _order[epoch][i * B:(i + 1) * B]
-    x, y = to_model_range(x_all[idx]), y_all[idx]
-    if hflip:
-        x = torch.where(torch.rand(B, 1, 1, 1) < 0.5, x.flip(3), x)
-    return x.to(device), y.to(device)
 
 
 # model, EMA copy and optimizer, from scratch or from out_dir/ckpt.pt
@@ -168,41 +143,14 @@ if ckpt is not None:
     model.load_state_dict(ckpt['model'])
     ema.load_state_dict(ckpt['ema'])
     optimizer.load_state_dict(ckpt['optimizer'])
-    rng = ckpt['rng'][rank] if len(ckpt['rng']) == world_size else None
-    if rng is not None:
-        torch.set_rng_state(rng['cpu'])
-        if rng['cuda'] is not None and device_type == 'cuda':
-            torch.cuda.set_rng_state(rng['cuda'])
-    else:
+    if not set_rng_states(ckpt['rng'], rank, world_size, seed + rank + iter_num):
         log(f'note: checkpoint has RNG states for {len(ckpt["rng"])} processes, not {world_size}; reseeding')
-        torch.manual_seed(seed + rank + iter_num)
     del ckpt
 n_params = sum(p.numel() for p in model.parameters())
 train_model = torch.compile(model) if compile else model
 if ddp:
     train_model = DDP(train_model, device_ids=[local_rank] if device_type == 'cuda' else None)
 flow = RectifiedFlow(t_sampling)
-
-
-def get_lr(it):
-    # linear warm-up, then cosine decay to min_lr
-    if it < warmup_iters:
-        return learning_rate * (it + 1) / (warmup_iters + 1)
-    decay_iters = lr_decay_iters or max_iters
-    if lr_decay_iters < 0 or it >= decay_iters:
-        return learning_rate if lr_decay_iters < 0 else min_lr
-    ratio = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
-    return min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
-
-
-def rng_states():
-    """Every process's RNG state, so a resumed DDP run draws the same noise."""
-    state = {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}
-    if not ddp:
-        return [state]
-    states = [None] * world_size
-    dist.all_gather_object(states, state)
-    return states
 
 
 @torch.no_grad()
@@ -228,71 +176,60 @@ def write_plots():
 log_path = os.path.join(out_dir, 'log.jsonl')
 if master:
     os.makedirs(out_dir, exist_ok=True)
-    old = [line for line in open(log_path)] if iter_num and os.path.isfile(log_path) else []
-    with open(log_path, 'w') as f:  # on resume keep the log up to the checkpoint, drop what came after it
-        f.writelines(line for line in old if json.loads(line)['iter'] <= iter_num)
+    start_log(log_path, iter_num)
 log(f'DiT-LLaMA {n_params / 1e6:.2f}M params | {dataset} {len(x_all)} images {C}x{H}x{W}, {num_classes} classes | '
     f'{world_size} process(es) on {device}, {dtype} | batch {batch_size}, {iters_per_epoch} iters/epoch, '
     f'iters {iter_num} -> {max_iters}', flush=True)
 
 # training loop
 t_seen, loss_seen = [], []  # per-sample (t, loss) of the recent iterations, for the loss-versus-t plot
-loss_sum, loss_n, t_last, it_last, t_start = 0.0, 0, time.time(), iter_num, time.time()
+progress = Progress(iter_num, max_iters, batch_size, iters_per_epoch)
 train_model.train()
 while iter_num < max_iters:
-    lr = get_lr(iter_num)
+    lr = cosine_lr(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters or max_iters)
     for group in optimizer.param_groups:
         group['lr'] = lr
-    x0, y = get_batch(iter_num)
+    x0, y = batches.get(iter_num)
     with ctx:
         loss, (t, per_sample) = flow.loss(train_model, x0, y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    loss_all = loss.detach().float().clone()
-    if ddp:
-        dist.all_reduce(loss_all)  # sum over processes: every process sees the same value
-        loss_all /= world_size
-    if not math.isfinite(loss_all.item()):
-        die(f'loss is {loss_all.item()} at iter {iter_num}; stopped without writing, the last good checkpoint '
+    loss_all = mean_over_processes(loss, ddp, world_size)  # the same on every process, so all stop together
+    if not math.isfinite(loss_all):
+        die(f'loss is {loss_all} at iter {iter_num}; stopped without writing, the last good checkpoint '
             f'({ckpt_path}) is untouched. Lower --learning_rate or use --dtype=float32, then --init_from=resume')
     optimizer.step()
     update_ema(ema, model, min(ema_decay, (1 + iter_num) / (10 + iter_num)))  # short EMA memory early on
     iter_num += 1
-    loss_sum, loss_n = loss_sum + loss_all.item(), loss_n + 1
+    progress.add(loss_all)
     if master:
         t_seen.append(t.cpu())
         loss_seen.append(per_sample.cpu())
         del t_seen[:-200], loss_seen[:-200]
 
     if iter_num % log_interval == 0 or iter_num == max_iters:
-        dt = time.time() - t_last
-        img_s = (iter_num - it_last) * batch_size / dt
-        eta = (max_iters - iter_num) * dt / (iter_num - it_last)
-        row = dict(iter=iter_num, epoch=iter_num / iters_per_epoch, loss=loss_sum / loss_n, lr=lr, img_per_s=img_s,
-                   time=time.time() - t_start)
-        log(f'iter {iter_num}/{max_iters} (epoch {row["epoch"]:.2f}) | loss {row["loss"]:.4f} | lr {lr:.2e} | '
-            f'{img_s:.1f} img/s | ETA {int(eta // 60)}m{int(eta % 60):02d}s', flush=True)
+        row, line = progress.report(iter_num, lr)
+        log(line, flush=True)
         if master:
             with open(log_path, 'a') as f:
                 f.write(json.dumps(row) + '\n')
-        loss_sum, loss_n, t_last, it_last = 0.0, 0, time.time(), iter_num
     if master and sample_interval and iter_num % sample_interval == 0 and iter_num < max_iters:
         write_samples(os.path.join(out_dir, f'samples_{iter_num:06d}.png'))
-        t_last = time.time()
+        progress.pause()
     if iter_num % ckpt_interval == 0 or iter_num == max_iters:
-        rng = rng_states()
+        rng = rng_states(ddp, world_size)
         if master:
             save_checkpoint(dict(model_args=model_args, model=model.state_dict(), ema=ema.state_dict(),
                                  optimizer=optimizer.state_dict(), iter_num=iter_num, epoch=iter_num // iters_per_epoch,
                                  config=config, rng=rng), ckpt_path)
             write_plots()
-        t_last = time.time()
+        progress.pause()
 
 if master:
     write_plots()
     write_samples(os.path.join(out_dir, 'samples.png'))
     shutil.copy(os.path.join(out_dir, 'samples.png'), os.path.join(out_dir, f'samples_{iter_num:06d}.png'))
-    log(f'done: {iter_num} iters in {(time.time() - t_start) / 60:.1f} min; outputs in {out_dir}', flush=True)
+    log(f'done: {iter_num} iters in {(time.time() - progress.t_start) / 60:.1f} min; outputs in {out_dir}', flush=True)
 if ddp:
     dist.destroy_process_group()

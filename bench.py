@@ -1,0 +1,164 @@
+"""
+Speed of the DiT presets on this machine: training images/s, sampling images/s per network
+evaluation (NFE), and model FLOPs utilisation (MFU) against the matmul peak measured here.
+
+    python bench.py                         # both presets, every variant, one table
+    python bench.py --presets=dit_mnist --iters=5
+
+FLOPs are counted by torch.utils.flop_counter on one real forward + backward (every matmul,
+convolution and attention product, backward included), not guessed from parameter counts.
+The baseline is the same network in fp32, eager, with an explicit softmax(q k^T / sqrt(d)) v.
+"""
+import json
+import os
+import time
+from contextlib import nullcontext
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from model import DiT_Llama, RectifiedFlow
+
+# -----------------------------------------------------------------------------
+presets = 'dit_mnist,dit_cifar10'  # comma-separated names of config/<name>.py
+batch_size = 0  # 0: the preset's batch for MNIST, 64 for CIFAR-10 (a CPU would need minutes per step at 256)
+iters = 4  # timed iterations (after `warmup` untimed ones)
+warmup = 2
+variants = 'baseline,fp32_sdpa,bf16_sdpa,bf16_math,bf16_math_compile,bf16_sdpa_compile'
+device = 'auto'
+out_json = 'bench.json'
+seed = 0
+curves = ''  # 'out/a,out/b': instead of timing, overlay the loss curves of train_dit.py runs (e.g. fp32 vs bf16)
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+# -----------------------------------------------------------------------------
+device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
+device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+sync = torch.cuda.synchronize if device_type == 'cuda' else (lambda: None)
+VARIANTS = {  # name: (dtype, attention through SDPA?, torch.compile?)
+    'baseline': ('float32', False, False), 'fp32_sdpa': ('float32', True, False),
+    'bf16_sdpa': ('bfloat16', True, False), 'bf16_math': ('bfloat16', False, False),
+    'bf16_math_compile': ('bfloat16', False, True), 'bf16_sdpa_compile': ('bfloat16', True, True)}
+
+
+def matmul_peak(dtype, n=2048, reps=10):
+    """The best matmul FLOP/s this device reaches: the denominator of MFU."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def preset_config(name):
+    cfg = {}
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config', f'{name}.py')).read(), {}, cfg)
+    return cfg
+
+
+def build(cfg, sdpa):
+    C, S = (3, 32) if cfg['dataset'] == 'cifar10' else (1, 28)
+    args = dict(in_channels=C, input_size=S, patch_size=cfg.get('patch_size', 2), dim=cfg.get('dim', 128),
+                n_layers=cfg.get('n_layers', 6), n_heads=cfg.get('n_heads', 4))
+    return DiT_Llama(**args, sdpa=sdpa).to(device), C, S
+
+
+def timed(fn, n):
+    for _ in range(warmup):
+        fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / n
+
+
+def bench(cfg, variant, B):
+    dtype, sdpa, use_compile = VARIANTS[variant]
+    torch.manual_seed(seed)
+    model, C, S = build(cfg, sdpa)
+    run_model = torch.compile(model) if use_compile else model
+    ctx = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    flow = RectifiedFlow()
+    x0, y = torch.randn(B, C, S, S, device=device), torch.randint(0, 10, (B,), device=device)
+
+    def train_step():
+        with ctx:
+            loss, _ = flow.loss(run_model, x0, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def nfe():  # one network evaluation as the sampler makes it
+        with torch.no_grad(), ctx:
+            run_model(x0, torch.rand(B, device=device), y)
+
+    with FlopCounterMode(display=False) as counter:  # eager forward + backward of the same step
+        with ctx:
+            loss, _ = flow.loss(model, x0, y)
+        loss.backward()
+    train_flops = counter.get_total_flops()
+    t_train = timed(train_step, iters)
+    t_nfe = timed(nfe, iters)
+    peak = peaks[dtype]
+    return dict(preset=cfg['name'], variant=variant, dtype=dtype, sdpa=sdpa, compile=use_compile, batch=B,
+                train_img_s=B / t_train, sample_img_s_per_nfe=B / t_nfe, train_gflop_per_img=train_flops / B / 1e9,
+                train_tflops=train_flops / t_train / 1e12, mfu=train_flops / t_train / peak)
+
+
+def compare_curves(out_dirs, path='curves.png'):
+    """Overlay the log.jsonl loss curves of several runs; print each run's mean relative gap to the first."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    logs = {d: [json.loads(line) for line in open(os.path.join(d, 'log.jsonl'))] for d in out_dirs}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for d, rows in logs.items():
+        cfg = torch.load(os.path.join(d, 'ckpt.pt'), map_location='cpu', weights_only=False)['config']
+        ax.plot([r['iter'] for r in rows], [r['loss'] for r in rows], lw=1, label=f'{cfg["dtype"]} ({d})')
+    ref = [r['loss'] for r in logs[out_dirs[0]]]
+    for d in out_dirs[1:]:
+        other = [r['loss'] for r in logs[d]]
+        n = min(len(ref), len(other))
+        gap = sum(abs(a - b) / a for a, b in zip(ref[:n], other[:n])) / n
+        print(f'{d} vs {out_dirs[0]}: mean relative loss gap {100 * gap:.1f}% over {n} log points; final '
+              f'{other[n - 1]:.4f} vs {ref[n - 1]:.4f}')
+    ax.set(xlabel='iteration', ylabel='loss', yscale='log', title='same run, fp32 versus bf16 autocast')
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f'wrote {path}')
+
+
+if curves:
+    compare_curves(curves.split(','))
+    raise SystemExit
+torch.set_float32_matmul_precision('highest')
+peaks = {'float32': matmul_peak(torch.float32), 'bfloat16': matmul_peak(torch.bfloat16)}
+print(f'device {device}, {torch.get_num_threads()} threads | measured matmul peak: '
+      f'fp32 {peaks["float32"] / 1e9:.0f} GFLOP/s, bf16 {peaks["bfloat16"] / 1e9:.0f} GFLOP/s', flush=True)
+rows = []
+header = f'{"preset":<12} {"variant":<18} {"batch":>5} {"train img/s":>11} {"speed-up":>8} {"sample img/s/NFE":>16} {"GFLOP/img":>9} {"MFU":>6}'
+print(header)
+print('-' * len(header))
+for name in presets.split(','):
+    cfg = dict(preset_config(name), name=name)
+    B = batch_size or (cfg.get('batch_size', 128) if cfg['dataset'] != 'cifar10' else 64)
+    base = None
+    for variant in variants.split(','):
+        r = bench(cfg, variant, B)
+        base = base or (r['train_img_s'] if variant == 'baseline' else None)
+        r['speedup_vs_baseline'] = r['train_img_s'] / base if base else None
+        rows.append(r)
+        speed = f'{r["speedup_vs_baseline"]:.2f}x' if base else '-'
+        print(f'{name:<12} {variant:<18} {B:>5} {r["train_img_s"]:>11.1f} {speed:>8} {r["sample_img_s_per_nfe"]:>16.1f} '
+              f'{r["train_gflop_per_img"]:>9.2f} {100 * r["mfu"]:>5.1f}%', flush=True)
+with open(out_json, 'w') as f:
+    json.dump(dict(device=device, threads=torch.get_num_threads(), peak_flops=peaks, rows=rows), f, indent=1)
+print(f'MFU = counted training FLOP/s / measured matmul peak of the same dtype; written {out_json}')

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model import (Attention, DiT_Llama, FinalLayer, LabelEmbedder, TransformerBlock, apply_rope, modulate, patchify,
-                   rope_angles, rope_grid, timestep_embedding, unpatchify)
+                   rope_angles, rope_grid, timestep_embedding, unpatchify, UNet)
 
 
 def test_modulate_is_scale_then_shift_per_sample():
@@ -115,3 +115,33 @@ def test_dit_conditioning_changes_output_once_trained():
     assert (out(t, 3) - out(t, 7)).abs().max() > 1e-3
     assert (out(t, 3) - out(torch.full((2,), 0.9), 3)).abs().max() > 1e-3
     assert (out(t, 3) - out(t, 10)).abs().max() > 1e-3  # the null class is a class of its own
+
+
+@pytest.mark.parametrize('S', [28, 32])
+@pytest.mark.parametrize('kind', ['none', 'time', 'class'])
+def test_unet_shapes_for_each_conditioning(kind, S):
+    torch.manual_seed(0)
+    model = UNet(in_channels=1, base_channels=16, channel_mult=(1, 2, 2), time_cond=kind != 'none',
+                 num_classes=10 if kind == 'class' else 0)
+    x = torch.randn(3, 1, S, S)
+    t = torch.rand(3) if kind != 'none' else None
+    y = torch.tensor([0, 9, 10]) if kind == 'class' else None  # 10 = the null class
+    assert model(x, t, y).shape == (3, 1, S, S)
+    assert model.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last), t, y).shape == (3, 1, S, S)
+
+
+def test_unet_conditioning_changes_output_once_trained():
+    torch.manual_seed(0)
+    model = UNet(in_channels=1, base_channels=16, channel_mult=(1, 2), attn_levels=(1,), num_classes=10, p_uncond=0.0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(5):
+        x, t, y = torch.randn(8, 1, 16, 16), torch.rand(8), torch.randint(0, 10, (8,))
+        opt.zero_grad()
+        (model(x, t, y) - y.view(-1, 1, 1, 1).float() * t.view(-1, 1, 1, 1)).square().mean().backward()
+        opt.step()
+    model.eval()
+    x, t = torch.randn(2, 1, 16, 16), torch.full((2,), 0.5)
+    out = lambda tt, yy: model(x, tt, torch.full((2,), yy))
+    assert (out(t, 3) - out(t, 7)).abs().max() > 1e-3
+    assert (out(t, 3) - out(torch.full((2,), 0.9), 3)).abs().max() > 1e-3
+    assert (out(t, 3) - out(t, 10)).abs().max() > 1e-3

@@ -21,7 +21,7 @@ from model import DiT_Llama, RectifiedFlow
 
 # -----------------------------------------------------------------------------
 presets = 'dit_mnist,dit_cifar10'  # comma-separated names of config/<name>.py
-batch_size = 0  # 0: the preset's batch for MNIST, 64 for CIFAR-10 (a CPU would need minutes per step at 256)
+batch_size = 0  # 0: the preset's batch for MNIST, 32 for CIFAR-10 (on a CPU a step of 256 takes over a minute)
 iters = 4  # timed iterations (after `warmup` untimed ones)
 warmup = 2
 variants = 'baseline,fp32_sdpa,bf16_sdpa,bf16_math,bf16_math_compile,bf16_sdpa_compile'
@@ -149,7 +149,7 @@ print(header)
 print('-' * len(header))
 for name in presets.split(','):
     cfg = dict(preset_config(name), name=name)
-    B = batch_size or (cfg.get('batch_size', 128) if cfg['dataset'] != 'cifar10' else 64)
+    B = batch_size or (cfg.get('batch_size', 128) if cfg['dataset'] != 'cifar10' else 32)
     base = None
     for variant in variants.split(','):
         r = bench(cfg, variant, B)

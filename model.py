@@ -534,6 +534,22 @@ def load_checkpoint(path, map_location='cpu'):
     return ckpt
 
 
+def resume_checkpoint(path, expect):
+    """The checkpoint to continue from, with one-line errors that say what to do; `expect` holds the
+    model_args this run's data and script require (channels, size, conditioning)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"init_from='resume' but there is no checkpoint at {path}: train with --init_from=scratch or set --out_dir")
+    try:
+        ckpt = load_checkpoint(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f'{e}; start again with --init_from=scratch') from None
+    wrong = {k: (ckpt['model_args'].get(k), v) for k, v in expect.items() if ckpt['model_args'].get(k) != v}
+    if wrong:
+        diff = ', '.join(f'{k}={a!r} there, {b!r} here' for k, (a, b) in wrong.items())
+        raise ValueError(f'{path} does not fit this run ({diff}): use the data and script of that run, or another --out_dir')
+    return ckpt
+
+
 def save_grid(x, path, nrow):
     """Images in [-1, 1] -> one PNG grid."""
     from torchvision.utils import save_image

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import (Batches, DiT_Llama, Progress, RectifiedFlow, cosine_lr, load_checkpoint, load_dataset,
+from model import (Batches, DiT_Llama, Progress, RectifiedFlow, cosine_lr, load_dataset, resume_checkpoint,
                    mean_over_processes, plot_loss, plot_loss_vs_t, rng_states, sample, save_checkpoint, save_grid,
                    set_rng_states, setup_distributed, start_log, update_ema)
 
@@ -121,15 +121,10 @@ model_args = dict(in_channels=C, input_size=H, patch_size=patch_size, dim=dim, n
                   num_classes=num_classes, p_uncond=p_uncond, qk_norm=qk_norm, stem_channels=stem_channels)
 iter_num, ckpt = 0, None
 if init_from == 'resume':
-    if not os.path.isfile(ckpt_path):
-        die(f"init_from='resume' but there is no checkpoint at {ckpt_path}: train with --init_from=scratch or set --out_dir")
     try:
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = resume_checkpoint(ckpt_path, dict(in_channels=C, input_size=H))
     except ValueError as e:
-        die(f'{e}; start again with --init_from=scratch')
-    if (ckpt['model_args']['in_channels'], ckpt['model_args']['input_size']) != (C, H):
-        die(f'{ckpt_path} was trained on {ckpt["model_args"]["input_size"]}px x{ckpt["model_args"]["in_channels"]} images, '
-            f'dataset {dataset} has {H}px x{C}: use the dataset of that run or another --out_dir')
+        die(e)
     model_args, iter_num = ckpt['model_args'], ckpt['iter_num']
 if H != W or H % model_args['patch_size']:
     die(f'images are {H}x{W}: they must be square with a side divisible by patch_size {model_args["patch_size"]}')

@@ -1,0 +1,56 @@
+"""The UNet experiments end to end on small fake data in MNIST's real IDX format."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run
+from model import load_checkpoint, sample, UNet
+
+TINY_UNET = ['--base_channels=8', '--channel_mult=(1,2)', '--sample_steps=2', '--warmup_iters=0', '--download=False',
+             '--log_interval=1', '--batch_size=32']
+
+
+def grid_size(n_rows, n_cols, side, pad=2):
+    return n_cols * side + (n_cols + 1) * pad, n_rows * side + (n_rows + 1) * pad
+
+
+@pytest.fixture(scope='module')
+def flow_run(mnist_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('flow_unet'))
+    p = run('train_flow_unet.py', f'--data_dir={mnist_dir}', f'--out_dir={out}', '--epochs=2', '--sample_epochs=(1,2)',
+            '--learning_rate=3e-3', *TINY_UNET)
+    return out, p
+
+
+def test_flow_unet_learns_and_writes_figures(flow_run):
+    out, p = flow_run
+    rows = [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
+    assert [r['iter'] for r in rows] == list(range(1, 17))  # 256 images / 32 = 8 iters per epoch
+    assert np.mean([r['loss'] for r in rows[-4:]]) < 0.8 * np.mean([r['loss'] for r in rows[:4]])
+    for name in ('samples_epoch01.png', 'samples_epoch02.png', 'samples.png'):
+        assert Image.open(os.path.join(out, name)).size == grid_size(8, 8, 32)
+    Image.open(os.path.join(out, 'loss.png')).load()
+    assert 'img/s' in p.stdout and 'ETA' in p.stdout
+
+
+def test_flow_unet_checkpoint_rebuilds_from_model_args(flow_run):
+    out, _ = flow_run
+    ckpt = load_checkpoint(os.path.join(out, 'ckpt.pt'))
+    assert ckpt['model_args']['time_cond'] and ckpt['model_args']['num_classes'] == 0 and ckpt['iter_num'] == 16
+    model = UNet(**ckpt['model_args'])
+    model.load_state_dict(ckpt['ema'])
+    x = sample(model.eval(), torch.randn(2, 1, 32, 32), steps=3)
+    assert x.shape == (2, 1, 32, 32) and torch.isfinite(x).all()
+
+
+def test_flow_unet_resume_and_errors(mnist_dir, flow_run, tmp_path):
+    out, _ = flow_run
+    p = run('train_flow_unet.py', f'--data_dir={mnist_dir}', f'--out_dir={out}', '--epochs=3', '--sample_epochs=(3,)',
+            '--init_from=resume', *TINY_UNET)
+    assert 'iters 16 -> 24' in p.stdout and os.path.isfile(os.path.join(out, 'samples_epoch03.png'))
+    p = run('train_flow_unet.py', f'--data_dir={mnist_dir}', '--image_size=31', f'--out_dir={tmp_path / "x"}', *TINY_UNET, check=False)
+    assert p.returncode == 1 and 'image_size 31 must be divisible by 2' in p.stderr and not os.path.exists(tmp_path / 'x')

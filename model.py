@@ -722,3 +722,27 @@ class Progress:
                 f'{img_s:.1f} img/s | ETA {int(eta // 60)}m{int(eta % 60):02d}s')
         self.loss_sum, self.n, self.t_last, self.it_last = 0.0, 0, time.time(), iter_num
         return row, line
+
+
+def save_labelled_grid(rows, path, row_labels, title='', col_labels=None):
+    """rows: [R, K, C, H, W] images in [-1, 1] -> one figure, a labelled row per entry of rows."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    R, K = rows.shape[:2]
+    fig, axes = plt.subplots(R, K, figsize=(1.1 * K + 1.2, 1.1 * R + 0.6), squeeze=False)
+    for r in range(R):
+        for k in range(K):
+            img = ((rows[r, k].float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).cpu().numpy()
+            ax = axes[r, k]
+            ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap='gray', vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if k == 0:
+                ax.set_ylabel(row_labels[r], rotation=0, ha='right', va='center', fontsize=9)
+            if r == 0 and col_labels:
+                ax.set_title(col_labels[k], fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

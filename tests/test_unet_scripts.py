@@ -54,3 +54,22 @@ def test_flow_unet_resume_and_errors(mnist_dir, flow_run, tmp_path):
     assert 'iters 16 -> 24' in p.stdout and os.path.isfile(os.path.join(out, 'samples_epoch03.png'))
     p = run('train_flow_unet.py', f'--data_dir={mnist_dir}', '--image_size=31', f'--out_dir={tmp_path / "x"}', *TINY_UNET, check=False)
     assert p.returncode == 1 and 'image_size 31 must be divisible by 2' in p.stderr and not os.path.exists(tmp_path / 'x')
+
+
+@pytest.mark.parametrize('mode', ['denoise', 'pure_noise'])
+def test_denoiser_writes_every_figure(mnist_dir, tmp_path, mode):
+    out = str(tmp_path / mode)
+    p = run('train_denoiser.py', f'--data_dir={mnist_dir}', f'--out_dir={out}', f'--mode={mode}', '--epochs=2',
+            '--sample_epochs=(1,2)', '--learning_rate=3e-3', *[a for a in TINY_UNET if 'sample_steps' not in a])
+    rows = [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
+    assert len(rows) == 16 and rows[-1]['loss'] < rows[0]['loss']
+    names = ['noise_grid.png', 'loss.png'] + (['denoise_epoch01.png', 'denoise_epoch02.png', 'ood_sweep.png']
+                                              if mode == 'denoise' else ['pure_noise_epoch01.png', 'pure_noise_epoch02.png'])
+    sizes = {n: Image.open(os.path.join(out, n)).size for n in names}
+    assert sizes['noise_grid.png'][1] > sizes['noise_grid.png'][0] * 0.6  # 7 sigma rows x 8 digits
+    if mode == 'pure_noise':
+        stats = json.load(open(os.path.join(out, 'pure_noise.json')))
+        assert [s['epoch'] for s in stats] == [1, 2] and 'mse_outputs_to_mean' in p.stdout
+        assert stats[1]['mse_outputs_to_mean'] < stats[0]['mse_outputs_to_mean']  # moving toward the mean image
+    ckpt = load_checkpoint(os.path.join(out, 'ckpt.pt'))
+    assert not ckpt['model_args']['time_cond'] and ckpt['iter_num'] == 16

@@ -1,0 +1,232 @@
+"""
+One-step denoising UNet, part 1 of the course: learn D(z) ~ x from z = x + sigma * eps at one sigma,
+then ask it about noise levels it never saw, and about pure noise.
+
+    python train_denoiser.py --data_dir=../shared/data                    # sigma = 0.5, 5 epochs
+    python train_denoiser.py --data_dir=../shared/data --mode=pure_noise  # z = eps: noise -> digit in one step
+
+Writes under out_dir: noise_grid.png (test digits at every sigma), log.jsonl, loss.png, ckpt.pt, and
+  mode=denoise:    denoise_epochNN.png (clean / noisy / denoised test digits), ood_sweep.png (the trained
+                   denoiser on every sigma of the sweep);
+  mode=pure_noise: pure_noise_epochNN.png (the training-set mean beside outputs for fresh noise) and
+                   pure_noise.json (the distances that show the outputs are the mean image).
+"""
+import copy
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from model import (Batches, Progress, UNet, cosine_lr, load_dataset, mean_over_processes, plot_loss, resize,
+                   resume_checkpoint, rng_states, save_checkpoint, save_labelled_grid, set_rng_states,
+                   setup_distributed, start_log, to_model_range, update_ema)
+
+# -----------------------------------------------------------------------------
+# I/O
+out_dir = 'out/denoiser'
+data_dir = 'data'
+dataset = 'mnist'  # mnist | fashion_mnist | cifar10 | folder
+image_size = 32
+download = True
+init_from = 'scratch'
+log_interval = 50
+ckpt_interval = 500
+sample_epochs = (1, 5)  # figures after these epochs
+# training
+mode = 'denoise'  # denoise: z = x + sigma eps | pure_noise: z = eps
+sigma = 0.5  # the one noise level the denoiser is trained at
+sigmas = (0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0)  # the noise grid and the out-of-distribution sweep
+batch_size = 128
+max_iters = 0  # 0: run `epochs` epochs
+epochs = 5
+learning_rate = 1e-3
+min_lr = 1e-4
+warmup_iters = 100
+lr_decay_iters = 0
+weight_decay = 0.0
+grad_clip = 1.0
+ema_decay = 0.999
+seed = 1337
+# model
+base_channels = 32
+channel_mult = (1, 2, 2)
+# system
+device = 'auto'
+dtype = 'bfloat16'
+compile = False
+channels_last = True
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+config = {k: globals()[k] for k in _config_keys}
+# -----------------------------------------------------------------------------
+
+
+def die(msg):
+    print(f'error: {msg}', file=sys.stderr)
+    sys.exit(1)
+
+
+for key, value, choices in [('dataset', dataset, ('mnist', 'fashion_mnist', 'cifar10', 'folder')),
+                            ('dtype', dtype, ('bfloat16', 'float32')), ('device', device, ('auto', 'cpu', 'cuda')),
+                            ('init_from', init_from, ('scratch', 'resume')), ('mode', mode, ('denoise', 'pure_noise'))]:
+    if value not in choices:
+        die(f"unknown {key} {value!r}: choose one of {', '.join(choices)}")
+try:
+    ddp, rank, local_rank, world_size, device = setup_distributed(device, batch_size)
+except ValueError as e:
+    die(e)
+master, device_type = rank == 0, ('cuda' if device.startswith('cuda') else 'cpu')
+torch.manual_seed(seed + rank)
+ctx = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
+memory_format = torch.channels_last if channels_last else torch.contiguous_format
+log = print if master else (lambda *a, **k: None)
+
+# data: training set for learning, test set (the training set for a folder) for the figures
+if ddp and not master:
+    dist.barrier()  # rank 0 downloads first
+try:
+    x_all, y_all = load_dataset(dataset, data_dir, train=True, image_size=image_size, download=download and master)
+    x_test = load_dataset(dataset, data_dir, train=False, download=False)[0] if dataset != 'folder' else x_all
+except (FileNotFoundError, ValueError) as e:
+    die(e)
+if ddp and master:
+    dist.barrier()
+C = x_all.shape[1]
+batches = Batches(x_all, y_all, batch_size, world_size, rank, seed, size=image_size, device=device)
+iters_per_epoch = batches.iters_per_epoch
+if iters_per_epoch == 0:
+    die(f'{len(x_all)} images are fewer than one batch of {batch_size}: lower --batch_size')
+max_iters = max_iters or epochs * iters_per_epoch
+if image_size % 2 ** (len(channel_mult) - 1):
+    die(f'image_size {image_size} must be divisible by {2 ** (len(channel_mult) - 1)} for channel_mult {channel_mult}')
+g = torch.Generator().manual_seed(seed)
+x_show = resize(to_model_range(x_test[torch.randperm(len(x_test), generator=g)[:8]]), image_size).to(device)
+eps_show = torch.randn(x_show.shape, generator=g).to(device)  # fixed noise: figures compare across epochs
+
+# model: a UNet with no conditioning, D(z) -> x
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+model_args = dict(in_channels=C, base_channels=base_channels, channel_mult=tuple(channel_mult), time_cond=False,
+                  num_classes=0)
+iter_num, ckpt = 0, None
+if init_from == 'resume':
+    try:
+        ckpt = resume_checkpoint(ckpt_path, dict(in_channels=C, time_cond=False, num_classes=0))
+    except ValueError as e:
+        die(e)
+    model_args, iter_num = ckpt['model_args'], ckpt['iter_num']
+model = UNet(**model_args).to(device, memory_format=memory_format)
+ema = copy.deepcopy(model).eval().requires_grad_(False)
+optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+if ckpt is not None:
+    model.load_state_dict(ckpt['model'])
+    ema.load_state_dict(ckpt['ema'])
+    optimizer.load_state_dict(ckpt['optimizer'])
+    set_rng_states(ckpt['rng'], rank, world_size, seed + rank + iter_num)
+    del ckpt
+train_model = torch.compile(model) if compile else model
+if ddp:
+    train_model = DDP(train_model, device_ids=[local_rank] if device_type == 'cuda' else None)
+
+
+def corrupt(x, eps, s):
+    return eps if mode == 'pure_noise' else x + s * eps  # z = x + sigma eps, or pure noise
+
+
+@torch.no_grad()
+def denoise(z):
+    with ctx:
+        return ema(z.contiguous(memory_format=memory_format)).float()
+
+
+def write_epoch_figure(epoch):
+    if mode == 'denoise':
+        z = corrupt(x_show, eps_show, sigma)
+        rows = torch.stack([x_show, z, denoise(z)])
+        save_labelled_grid(rows, os.path.join(out_dir, f'denoise_epoch{epoch:02d}.png'),
+                           ['clean', f'noisy σ={sigma}', 'denoised'], f'test digits after epoch {epoch}')
+        return
+    outs = denoise(eps_show)  # pure noise in, one step out
+    mean = x_mean.expand_as(outs)
+    stats = dict(epoch=epoch, mse_outputs_to_mean=(outs - mean).square().mean().item(),
+                 mse_between_outputs=(outs[1:] - outs[:-1]).square().mean().item(),
+                 mse_test_digits_to_mean=(x_show - mean).square().mean().item())
+    save_labelled_grid(torch.stack([torch.cat([x_mean, outs[:7]]), torch.cat([x_mean, x_show[:7]])]),
+                       os.path.join(out_dir, f'pure_noise_epoch{epoch:02d}.png'), ['outputs', 'real digits'],
+                       f'epoch {epoch}: first column the training-set mean; MSE(outputs, mean) = '
+                       f'{stats["mse_outputs_to_mean"]:.4f}, MSE(digits, mean) = {stats["mse_test_digits_to_mean"]:.4f}')
+    log(f'pure noise, epoch {epoch}: ' + ', '.join(f'{k} {v:.4f}' for k, v in stats.items() if k != 'epoch'))
+    pure_stats.append(stats)
+    with open(os.path.join(out_dir, 'pure_noise.json'), 'w') as f:
+        json.dump(pure_stats, f, indent=1)
+
+
+log_path = os.path.join(out_dir, 'log.jsonl')
+x_mean = resize(to_model_range(x_all).mean(0, keepdim=True), image_size).to(device)  # the MSE-optimal answer to pure noise
+pure_stats = []
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    start_log(log_path, iter_num)
+    save_labelled_grid(torch.stack([x_show + s * eps_show for s in sigmas]), os.path.join(out_dir, 'noise_grid.png'),
+                       [f'σ={s}' for s in sigmas], 'z = x + σ·eps on test digits')
+log(f'denoising UNet ({mode}) {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | {dataset} '
+    f'{len(x_all)} images at {C}x{image_size}x{image_size} | {world_size} process(es) on {device}, {dtype} | '
+    f'batch {batch_size}, {iters_per_epoch} iters/epoch, iters {iter_num} -> {max_iters}', flush=True)
+
+progress = Progress(iter_num, max_iters, batch_size, iters_per_epoch)
+train_model.train()
+while iter_num < max_iters:
+    lr = cosine_lr(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters or max_iters)
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    x0, _ = batches.get(iter_num)
+    z = corrupt(x0, torch.randn_like(x0), sigma)
+    with ctx:
+        out = train_model(z.contiguous(memory_format=memory_format))
+    loss = (out.float() - x0).square().mean()  # per-pixel MSE to the clean image
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    loss_all = mean_over_processes(loss, ddp, world_size)
+    if not math.isfinite(loss_all):
+        die(f'loss is {loss_all} at iter {iter_num}; stopped without writing, the last good checkpoint '
+            f'({ckpt_path}) is untouched. Lower --learning_rate or use --dtype=float32, then --init_from=resume')
+    optimizer.step()
+    update_ema(ema, model, min(ema_decay, (1 + iter_num) / (10 + iter_num)))
+    iter_num += 1
+    progress.add(loss_all)
+
+    if iter_num % log_interval == 0 or iter_num == max_iters:
+        row, line = progress.report(iter_num, lr)
+        log(line, flush=True)
+        if master:
+            with open(log_path, 'a') as f:
+                f.write(json.dumps(row) + '\n')
+    if master and iter_num % iters_per_epoch == 0 and iter_num // iters_per_epoch in sample_epochs:
+        write_epoch_figure(iter_num // iters_per_epoch)
+        progress.pause()
+    if iter_num % ckpt_interval == 0 or iter_num == max_iters:
+        rng = rng_states(ddp, world_size)
+        if master:
+            save_checkpoint(dict(model_args=model_args, model=model.state_dict(), ema=ema.state_dict(),
+                                 optimizer=optimizer.state_dict(), iter_num=iter_num, epoch=iter_num // iters_per_epoch,
+                                 config=config, rng=rng), ckpt_path)
+        progress.pause()
+
+if master:
+    rows = [json.loads(line) for line in open(log_path)]
+    plot_loss([r['iter'] for r in rows], [r['loss'] for r in rows], os.path.join(out_dir, 'loss.png'),
+              title=f'one-step denoiser ({mode}, σ={sigma}) on {dataset}')
+    if mode == 'denoise':  # the trained denoiser on noise levels it never saw
+        outs = [denoise(x_show + s * eps_show) for s in sigmas]
+        rows = torch.stack([torch.cat([x_show[:5] + s * eps_show[:5], o[:5]]) for s, o in zip(sigmas, outs)])
+        save_labelled_grid(rows, os.path.join(out_dir, 'ood_sweep.png'), [f'σ={s}' for s in sigmas],
+                           f'trained at σ={sigma}: 5 noisy inputs, then the 5 outputs',
+                           col_labels=['input'] * 5 + ['output'] * 5)
+    log(f'done: {iter_num} iters in {(time.time() - progress.t_start) / 60:.1f} min; outputs in {out_dir}', flush=True)
+if ddp:
+    dist.destroy_process_group()

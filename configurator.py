@@ -2,9 +2,11 @@
 nanoGPT-style configuration, exec'd by every script after its globals:
 
     python train_dit.py config/dit_mnist.py --batch_size=64 --compile=True
+    python sample.py --steps=50 --cfg=2.0 --gif
 
 A positional argument is a config file run in the script's globals; --key=value overrides a
-global, the value parsed as a Python literal when it is one (else kept as a string). Unknown
+global, the value parsed as a Python literal when it is one (else kept as a string); a bare --flag
+sets a boolean global to True. Unknown
 keys and values of the wrong type stop the script with one line on stderr and exit code 2.
 """
 import ast as _ast
@@ -26,6 +28,8 @@ for _arg in _sys.argv[1:]:
             _config_error(f'config file {_arg!r} not found (presets are in config/, overrides are written --key=value)')
         exec(open(_arg).read())
         continue
+    if '=' not in _arg and isinstance(globals().get(_arg[2:]), bool):
+        _arg += '=True'  # a bare --flag switches a boolean on
     if '=' not in _arg:
         _config_error(f'override {_arg!r} has no value: write it as --key=value')
     _key, _val = _arg[2:].split('=', 1)

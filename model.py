@@ -274,10 +274,11 @@ class AttnBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    def __init__(self, in_channels=1, base_channels=32, channel_mult=(1, 2, 2), attn_levels=(2,), n_res=2,
-                 time_cond=True, num_classes=0, p_uncond=0.1, t_scale=1000.0):
+    def __init__(self, in_channels=1, input_size=32, base_channels=32, channel_mult=(1, 2, 2), attn_levels=(2,),
+                 n_res=2, time_cond=True, num_classes=0, p_uncond=0.1, t_scale=1000.0):
         super().__init__()
-        self.time_cond, self.num_classes = time_cond, num_classes
+        assert input_size % 2 ** (len(channel_mult) - 1) == 0, f'input_size must be divisible by {2 ** (len(channel_mult) - 1)}'
+        self.in_channels, self.input_size, self.time_cond, self.num_classes = in_channels, input_size, time_cond, num_classes
         emb_dim = 4 * base_channels if (time_cond or num_classes) else 0
         self.t_embedder = TimestepEmbedder(emb_dim, base_channels, t_scale) if time_cond else None
         self.y_embedder = LabelEmbedder(num_classes, emb_dim, p_uncond) if num_classes else None
@@ -331,6 +332,11 @@ class UNet(nn.Module):
                 h = torch.cat([h, skips.pop()], dim=1)
             h = self._run(layers, h, emb)
         return self.out(h)
+
+
+def build_model(model_args):
+    """The network a checkpoint's model_args describe: DiT-LLaMA args have `dim`, the UNet's `base_channels`."""
+    return DiT_Llama(**model_args) if 'dim' in model_args else UNet(**model_args)
 
 
 # -----------------------------------------------------------------------------

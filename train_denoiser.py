@@ -110,12 +110,13 @@ eps_show = torch.randn(x_show.shape, generator=g).to(device)  # fixed noise: fig
 
 # model: a UNet with no conditioning, D(z) -> x
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-model_args = dict(in_channels=C, base_channels=base_channels, channel_mult=tuple(channel_mult), time_cond=False,
-                  num_classes=0)
+model_args = dict(in_channels=C, input_size=image_size, base_channels=base_channels, channel_mult=tuple(channel_mult),
+                  time_cond=False, num_classes=0)
 iter_num, ckpt = 0, None
 if init_from == 'resume':
     try:
-        ckpt = resume_checkpoint(ckpt_path, dict(in_channels=C, time_cond=False, num_classes=0))
+        expect = dict(in_channels=C, input_size=image_size, time_cond=False, num_classes=0)
+        ckpt = resume_checkpoint(ckpt_path, expect)
     except ValueError as e:
         die(e)
     model_args, iter_num = ckpt['model_args'], ckpt['iter_num']

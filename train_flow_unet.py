@@ -103,12 +103,13 @@ if image_size % 2 ** (len(channel_mult) - 1):
 
 # model: a UNet conditioned on t only
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-model_args = dict(in_channels=C, base_channels=base_channels, channel_mult=tuple(channel_mult), time_cond=True,
-                  num_classes=0)
+model_args = dict(in_channels=C, input_size=image_size, base_channels=base_channels, channel_mult=tuple(channel_mult),
+                  time_cond=True, num_classes=0)
 iter_num, ckpt = 0, None
 if init_from == 'resume':
     try:
-        ckpt = resume_checkpoint(ckpt_path, dict(in_channels=C, time_cond=True, num_classes=0))
+        expect = dict(in_channels=C, input_size=image_size, time_cond=True, num_classes=0)
+        ckpt = resume_checkpoint(ckpt_path, expect)
     except ValueError as e:
         die(e)
     model_args, iter_num = ckpt['model_args'], ckpt['iter_num']

@@ -12,6 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a tiny DiT so each end-to-end run takes seconds
 TINY_DIT = ['--dim=32', '--n_layers=2', '--n_heads=2', '--stem_channels=8', '--sample_steps=2', '--warmup_iters=0',
             '--download=False', '--log_interval=1']
+TINY_UNET = ['--base_channels=8', '--channel_mult=(1,2)', '--sample_steps=2', '--warmup_iters=0', '--download=False',
+             '--log_interval=1', '--batch_size=32']
 
 
 def fake_images(n, size, channels, seed=0):
@@ -73,3 +75,30 @@ def mnist_dir(tmp_path_factory):
 @pytest.fixture(scope='session')
 def cifar_dir(tmp_path_factory):
     return write_cifar10(str(tmp_path_factory.mktemp('cifar_data')))
+
+
+@pytest.fixture(scope='session')
+def dit_run(mnist_dir, tmp_path_factory):
+    """A tiny DiT trained for 40 iterations: (out_dir, completed process)."""
+    out = str(tmp_path_factory.mktemp('dit_mnist'))
+    p = run('train_dit.py', f'--data_dir={mnist_dir}', f'--out_dir={out}', '--batch_size=32', '--max_iters=40',
+            '--learning_rate=2e-3', '--ckpt_interval=20', '--sample_interval=20', *TINY_DIT)
+    return out, p
+
+
+@pytest.fixture(scope='session')
+def flow_run(mnist_dir, tmp_path_factory):
+    """A tiny time-conditioned flow UNet, 2 epochs of 8 iterations."""
+    out = str(tmp_path_factory.mktemp('flow_unet'))
+    p = run('train_flow_unet.py', f'--data_dir={mnist_dir}', f'--out_dir={out}', '--epochs=2', '--sample_epochs=(1,2)',
+            '--learning_rate=3e-3', *TINY_UNET)
+    return out, p
+
+
+@pytest.fixture(scope='session')
+def cfg_run(mnist_dir, tmp_path_factory):
+    """A tiny class-conditional UNet, 2 epochs of 8 iterations."""
+    out = str(tmp_path_factory.mktemp('class_cfg'))
+    p = run('train_class_cfg.py', f'--data_dir={mnist_dir}', f'--out_dir={out}', '--epochs=2', '--sample_epochs=(1,2)',
+            '--learning_rate=3e-3', *TINY_UNET)
+    return out, p

@@ -69,6 +69,11 @@ def test_missing_config_file_and_missing_value(script):
     assert p.returncode == 2 and 'no value' in p.stderr
 
 
+def test_bare_flag_sets_boolean(script):
+    p = call(script, '--compile')
+    assert p.returncode == 0 and json.loads(p.stdout.strip().splitlines()[-1])['compile'] is True
+
+
 def test_presets_run_with_train_dit():
     for preset in ('config/dit_mnist.py', 'config/dit_cifar10.py'):
         assert os.path.isfile(os.path.join(ROOT, preset))

@@ -20,16 +20,8 @@ def grid_size(n_rows, n_cols, side, pad=2):
     return n_cols * side + (n_cols + 1) * pad, n_rows * side + (n_rows + 1) * pad
 
 
-@pytest.fixture(scope='module')
-def mnist_run(mnist_dir, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp('dit_mnist'))
-    p = run('train_dit.py', f'--data_dir={mnist_dir}', f'--out_dir={out}', '--batch_size=32', '--max_iters=40',
-            '--learning_rate=2e-3', '--ckpt_interval=20', '--sample_interval=20', *TINY_DIT)
-    return out, p
-
-
-def test_mnist_run_loss_decreases(mnist_run):
-    out, p = mnist_run
+def test_dit_run_loss_decreases(dit_run):
+    out, p = dit_run
     rows = read_log(out)
     assert [r['iter'] for r in rows] == list(range(1, 41))
     first, last = np.mean([r['loss'] for r in rows[:5]]), np.mean([r['loss'] for r in rows[-5:]])
@@ -37,8 +29,8 @@ def test_mnist_run_loss_decreases(mnist_run):
     assert 'img/s' in p.stdout and 'ETA' in p.stdout
 
 
-def test_mnist_run_outputs_decode(mnist_run):
-    out, _ = mnist_run
+def test_dit_run_outputs_decode(dit_run):
+    out, _ = dit_run
     for name in ('samples.png', 'samples_000020.png', 'samples_000040.png'):
         img = Image.open(os.path.join(out, name))
         assert img.size == grid_size(10, 8, 28)  # rows = classes 0..9, 8 samples each

@@ -1,29 +1,18 @@
 """The UNet experiments end to end on small fake data in MNIST's real IDX format."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import run
+from conftest import TINY_UNET, run
 from model import load_checkpoint, sample, UNet
-
-TINY_UNET = ['--base_channels=8', '--channel_mult=(1,2)', '--sample_steps=2', '--warmup_iters=0', '--download=False',
-             '--log_interval=1', '--batch_size=32']
-
 
 def grid_size(n_rows, n_cols, side, pad=2):
     return n_cols * side + (n_cols + 1) * pad, n_rows * side + (n_rows + 1) * pad
-
-
-@pytest.fixture(scope='module')
-def flow_run(mnist_dir, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp('flow_unet'))
-    p = run('train_flow_unet.py', f'--data_dir={mnist_dir}', f'--out_dir={out}', '--epochs=2', '--sample_epochs=(1,2)',
-            '--learning_rate=3e-3', *TINY_UNET)
-    return out, p
 
 
 def test_flow_unet_learns_and_writes_figures(flow_run):
@@ -48,7 +37,7 @@ def test_flow_unet_checkpoint_rebuilds_from_model_args(flow_run):
 
 
 def test_flow_unet_resume_and_errors(mnist_dir, flow_run, tmp_path):
-    out, _ = flow_run
+    out = shutil.copytree(flow_run[0], tmp_path / 'resumed')
     p = run('train_flow_unet.py', f'--data_dir={mnist_dir}', f'--out_dir={out}', '--epochs=3', '--sample_epochs=(3,)',
             '--init_from=resume', *TINY_UNET)
     assert 'iters 16 -> 24' in p.stdout and os.path.isfile(os.path.join(out, 'samples_epoch03.png'))
@@ -73,3 +62,19 @@ def test_denoiser_writes_every_figure(mnist_dir, tmp_path, mode):
         assert stats[1]['mse_outputs_to_mean'] < stats[0]['mse_outputs_to_mean']  # moving toward the mean image
     ckpt = load_checkpoint(os.path.join(out, 'ckpt.pt'))
     assert not ckpt['model_args']['time_cond'] and ckpt['iter_num'] == 16
+
+
+def test_class_cfg_writes_class_rows(cfg_run):
+    out, p = cfg_run
+    rows = [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
+    assert np.mean([r['loss'] for r in rows[-4:]]) < 0.8 * np.mean([r['loss'] for r in rows[:4]])
+    for name in ('samples_epoch01.png', 'samples_epoch02.png', 'samples.png'):
+        assert Image.open(os.path.join(out, name)).size == grid_size(10, 4, 32)  # 4 of each class, row = class
+    ckpt = load_checkpoint(os.path.join(out, 'ckpt.pt'))
+    assert ckpt['model_args']['num_classes'] == 10 and ckpt['model_args']['p_uncond'] == 0.1
+    model = UNet(**ckpt['model_args']).eval()
+    model.load_state_dict(ckpt['ema'])
+    x = torch.randn(2, 1, 32, 32)
+    t = torch.full((2,), 0.5)
+    assert (model(x, t, torch.tensor([1, 1])) - model(x, t, torch.tensor([7, 7]))).abs().max() > 1e-4
+    assert '10 classes' in p.stdout

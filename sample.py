@@ -1,0 +1,158 @@
+"""
+Sample any flow checkpoint of this project (DiT-LLaMA, flow UNet, class-conditional UNet), rebuilt from
+its model_args alone, with the EMA weights.
+
+    python sample.py --out_dir=out/dit_mnist --steps=50 --cfg=2.0 --gif   # grid + trajectory GIF
+    python sample.py --out_dir=out/dit_mnist --sweep=steps                # 1, 5, 10, 50 steps, one figure
+    python sample.py --out_dir=out/dit_mnist --sweep=cfg                  # cfg 0, 1, 2, 10
+    python sample.py --out_dir=out/dit_mnist --num_samples=10000 --save_npz=out/dit_mnist/samples.npz
+
+Writes into out_dir: samples_<solver><steps>_cfg<cfg>.png (a row per class, 8 each; an 8x8 grid for an
+unconditional model), trajectory.gif, sweep_steps.png, sweep_cfg.png; the npz holds arr_0 uint8 NxHxWxC
+and arr_1 the int labels, the layout FID evaluators read.
+"""
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from model import NFE_PER_STEP, build_model, load_checkpoint, sample, save_grid, save_labelled_grid
+
+# -----------------------------------------------------------------------------
+out_dir = 'out/dit_mnist'
+ckpt = ''  # '' = out_dir/ckpt.pt
+steps = 50
+cfg = 2.0  # guidance; ignored (must not be set) for an unconditional model
+solver = 'euler'  # euler | midpoint | heun | rk4
+shift = 1.0  # SD3 time-grid shift (1 = uniform grid)
+gif = False
+sweep = ''  # '' | steps | cfg
+per_class = 8
+class_label = -1  # >= 0: every sample of this class
+num_samples = 0  # with save_npz: how many samples to write
+save_npz = ''
+batch_size = 250
+use_ema = True
+seed = 0
+device = 'auto'
+dtype = 'float32'  # float32 | bfloat16 (autocast)
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+# -----------------------------------------------------------------------------
+
+
+def die(msg):
+    print(f'error: {msg}', file=sys.stderr)
+    sys.exit(1)
+
+
+if solver not in NFE_PER_STEP:
+    die(f"unknown solver {solver!r}: choose one of {', '.join(NFE_PER_STEP)}")
+if steps < 1:
+    die(f'steps must be at least 1, got {steps}')
+if sweep not in ('', 'steps', 'cfg'):
+    die(f"unknown sweep {sweep!r}: choose steps or cfg")
+if save_npz and num_samples < 1:
+    die('--save_npz needs --num_samples=N (N >= 1)')
+device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
+ckpt_path = ckpt or os.path.join(out_dir, 'ckpt.pt')
+try:
+    checkpoint = load_checkpoint(ckpt_path)
+except (FileNotFoundError, ValueError) as e:
+    die(f'{e}: pass --out_dir=DIR of a training run or --ckpt=PATH')
+model_args = checkpoint['model_args']
+if not model_args.get('time_cond', True):
+    die(f'{ckpt_path} is a one-step denoiser (no time input), not a flow model: sample a checkpoint of '
+        f'train_flow_unet.py, train_class_cfg.py or train_dit.py')
+model = build_model(model_args)
+model.load_state_dict(checkpoint['ema'] if use_ema and checkpoint.get('ema') else checkpoint['model'])
+model = model.to(device).eval()
+num_classes = model.num_classes
+conditional = num_classes > 0
+if not conditional and any(a.startswith('--cfg=') for a in sys.argv[1:]):
+    die(f'{ckpt_path} is an unconditional model: guidance needs classes, drop --cfg')
+if not conditional and sweep == 'cfg':
+    die(f'{ckpt_path} is an unconditional model: --sweep=cfg needs a class-conditional one')
+if class_label >= num_classes or (class_label >= 0 and not conditional):
+    die(f'class_label {class_label} is out of range: this model has {num_classes} classes (0..{num_classes - 1})'
+        if conditional else f'{ckpt_path} is an unconditional model: drop --class_label')
+C, S = model.in_channels, model.input_size
+ctx = torch.autocast(device.split(':')[0], dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
+nfe = steps * NFE_PER_STEP[solver]
+tag = f'{solver}{steps}' + (f'_cfg{cfg:g}' if conditional else '')
+
+
+def labels(n, offset=0):
+    """Class ids for n samples: one class throughout, or 0..K-1 in turn; None for an unconditional model."""
+    if not conditional:
+        return None
+    ids = torch.full((n,), class_label) if class_label >= 0 else (torch.arange(n) + offset) % num_classes
+    return ids.to(device)
+
+
+def generate(z, y, steps=steps, cfg=cfg, return_traj=False):
+    with ctx:
+        return sample(model, z, y, steps=steps, cfg=cfg if conditional else 1.0, solver=solver, shift=shift,
+                      return_traj=return_traj)
+
+
+def noise(n, seed_offset=0):
+    return torch.randn(n, C, S, S, generator=torch.Generator().manual_seed(seed + seed_offset)).to(device)
+
+
+def to_uint8(x):
+    """[-1, 1] NCHW -> uint8 NHWC."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+# the grid: a row per class (class-conditional), else 8x8
+n_rows = min(num_classes, 10) if conditional and class_label < 0 else 8
+y = labels(n_rows * per_class)
+if conditional and class_label < 0:
+    y = torch.arange(n_rows, device=device).repeat_interleave(per_class)
+z = noise(n_rows * per_class)
+t0 = time.time()
+x, traj = generate(z, y, return_traj=True)
+grid_path = os.path.join(out_dir, f'samples_{tag}.png')
+os.makedirs(out_dir, exist_ok=True)
+save_grid(x, grid_path, nrow=per_class)
+print(f'wrote {grid_path}: {len(z)} samples, {solver} {steps} steps = {nfe} NFE'
+      f'{" (each on a doubled batch for cfg)" if conditional and cfg != 1 else ""}, {time.time() - t0:.1f}s')
+
+if gif:  # every step of the trajectory, the last frame held
+    import imageio.v2 as imageio
+    from torchvision.utils import make_grid
+    frames = [make_grid((f.clamp(-1, 1) + 1) / 2, nrow=per_class, padding=2, pad_value=1.0) for f in traj]
+    frames = [(f * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy() for f in frames]
+    gif_path = os.path.join(out_dir, 'trajectory.gif')
+    imageio.mimsave(gif_path, frames, duration=[80] * (len(frames) - 1) + [2000], loop=0)
+    print(f'wrote {gif_path}: {len(frames)} frames, t = 1 (noise) to t = 0')
+
+if sweep:  # one labelled figure: the same noise and classes under each setting
+    n = min(num_classes, 10) if conditional else 8
+    z, y = noise(n, 1), labels(n)
+    values = (1, 5, 10, 50) if sweep == 'steps' else (0.0, 1.0, 2.0, 10.0)
+    rows = [generate(z, y, steps=v) if sweep == 'steps' else generate(z, y, cfg=v) for v in values]
+    if sweep == 'steps':
+        names, title = [f'{v} steps ({v * NFE_PER_STEP[solver]} NFE)' for v in values], f'{solver}, cfg {cfg:g}'
+    else:
+        names, title = [f'cfg {v:g}' for v in values], f'{solver}, {steps} steps'
+    path = os.path.join(out_dir, f'sweep_{sweep}.png')
+    save_labelled_grid(torch.stack(rows), path, names, title, col_labels=[str(k) for k in range(n)] if conditional else None)
+    print(f'wrote {path}')
+
+if save_npz:  # N samples in batches, labels 0..K-1 in turn
+    xs, ys, t0 = [], [], time.time()
+    for i in range(0, num_samples, batch_size):
+        n = min(batch_size, num_samples - i)
+        y = labels(n, i)
+        xs.append(to_uint8(generate(noise(n, 1000 + i), y)))
+        ys.append(y.cpu().numpy() if y is not None else np.zeros(n, dtype=np.int64))
+        done, el = i + n, time.time() - t0
+        print(f'{done}/{num_samples} samples | {done / el:.1f} samples/s | ETA {(num_samples - done) * el / done:.0f}s',
+              flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(save_npz)), exist_ok=True)
+    np.savez(save_npz, arr_0=np.concatenate(xs), arr_1=np.concatenate(ys).astype(np.int64))
+    print(f'wrote {save_npz}: arr_0 {num_samples}x{S}x{S}x{C} uint8, arr_1 labels; {nfe} NFE per sample')

@@ -1,0 +1,67 @@
+"""sample.py on a checkpoint of each training script: grid, trajectory GIF, npz, sweeps, seeds, bad input."""
+import os
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run
+
+
+def grid_size(n_rows, n_cols, side, pad=2):
+    return n_cols * side + (n_cols + 1) * pad, n_rows * side + (n_rows + 1) * pad
+
+
+@pytest.mark.parametrize('which,side,rows', [('dit_run', 28, 10), ('flow_run', 32, 8), ('cfg_run', 32, 10)])
+def test_sample_every_flow_checkpoint(which, side, rows, request, tmp_path):
+    out, _ = request.getfixturevalue(which)
+    npz = str(tmp_path / 'samples.npz')
+    cfg = ['--cfg=2.0'] if which != 'flow_run' else []
+    p = run('sample.py', f'--out_dir={out}', '--steps=3', *cfg, '--gif', '--num_samples=23', '--batch_size=10',
+            f'--save_npz={npz}', '--solver=heun')
+    tag = 'heun3_cfg2' if which != 'flow_run' else 'heun3'
+    assert Image.open(os.path.join(out, f'samples_{tag}.png')).size == grid_size(rows, 8, side)
+    assert '6 NFE' in p.stdout  # heun: 2 evaluations a step
+    frames = imageio.mimread(os.path.join(out, 'trajectory.gif'))
+    assert len(frames) == 4  # steps + 1: from noise to the sample
+    assert frames[0].shape[:2] == grid_size(rows, 8, side)[::-1]
+    d = np.load(npz)
+    assert d['arr_0'].shape == (23, side, side, 1) and d['arr_0'].dtype == np.uint8
+    assert d['arr_1'].shape == (23,) and d['arr_1'].dtype == np.int64
+    if which != 'flow_run':
+        assert d['arr_1'].tolist() == [i % 10 for i in range(23)]
+
+
+def test_same_seed_same_samples(cfg_run, tmp_path):
+    out, _ = cfg_run
+    paths = [str(tmp_path / f'{name}.npz') for name in ('a', 'b', 'c')]
+    for path, seed in zip(paths, (3, 3, 4)):
+        run('sample.py', f'--out_dir={out}', '--steps=2', '--num_samples=6', f'--save_npz={path}', f'--seed={seed}')
+    a, b, c = (np.load(p)['arr_0'] for p in paths)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+@pytest.mark.parametrize('sweep,labels', [('steps', 4), ('cfg', 4)])
+def test_sweeps_write_one_figure(dit_run, sweep, labels):
+    out, _ = dit_run
+    run('sample.py', f'--out_dir={out}', '--steps=2', f'--sweep={sweep}')
+    w, h = Image.open(os.path.join(out, f'sweep_{sweep}.png')).size
+    assert h > 3 * 60 and w > 10 * 60  # 4 rows of 10 classes
+
+
+def test_sample_bad_input(dit_run, flow_run, mnist_dir, tmp_path):
+    def error(*args):
+        p = run('sample.py', *args, check=False)
+        assert p.returncode != 0 and 'Traceback' not in p.stderr
+        return p.stderr
+    (tmp_path / 'junk.pt').write_text('junk')
+    assert 'cannot read checkpoint' in error(f'--ckpt={tmp_path / "junk.pt"}')
+    assert 'no checkpoint' in error(f'--out_dir={tmp_path / "none"}')
+    assert 'steps must be at least 1' in error(f'--out_dir={dit_run[0]}', '--steps=0')
+    assert 'out of range' in error(f'--out_dir={dit_run[0]}', '--class_label=10')
+    assert 'unconditional model' in error(f'--out_dir={flow_run[0]}', '--cfg=3.0')
+    den = str(tmp_path / 'den')
+    run('train_denoiser.py', f'--data_dir={mnist_dir}', f'--out_dir={den}', '--max_iters=1', '--base_channels=8',
+        '--channel_mult=(1,2)', '--batch_size=32', '--download=False')
+    assert 'one-step denoiser' in error(f'--out_dir={den}')

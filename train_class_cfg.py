@@ -1,0 +1,200 @@
+"""
+Class-conditioned flow-matching UNet trained for classifier-free guidance (CFG): the label is dropped to
+the null class with probability p_uncond, so one network gives both v(x_t, t, y) and v(x_t, t); sampling
+uses v = v_uncond + cfg (v_cond - v_uncond).
+
+    python train_class_cfg.py --data_dir=../shared/data           # MNIST at 32x32, 10 epochs
+    torchrun --nproc_per_node=2 train_class_cfg.py --dataset=fashion_mnist
+
+Writes under out_dir: ckpt.pt, log.jsonl, loss.png, samples_epochNN.png after each epoch in sample_epochs
+(10x4 grid: 4 samples of each class, row = class, at guidance sample_cfg) and samples.png at the end.
+"""
+import copy
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from model import (Batches, Progress, RectifiedFlow, UNet, cosine_lr, load_dataset, mean_over_processes, plot_loss,
+                   resume_checkpoint, rng_states, sample, save_checkpoint, save_grid, set_rng_states,
+                   setup_distributed, start_log, update_ema)
+
+# -----------------------------------------------------------------------------
+# I/O
+out_dir = 'out/class_cfg'
+data_dir = 'data'
+dataset = 'mnist'  # mnist | fashion_mnist | cifar10 | folder
+image_size = 32  # every dataset is resized to image_size x image_size
+download = True
+init_from = 'scratch'  # 'scratch' or 'resume'
+log_interval = 50
+ckpt_interval = 500
+sample_epochs = (1, 5, 10)  # write a sample grid after these epochs
+# training
+batch_size = 128
+max_iters = 0  # 0: run `epochs` epochs
+epochs = 10
+learning_rate = 1e-3
+min_lr = 1e-4
+warmup_iters = 200
+lr_decay_iters = 0  # 0: max_iters, -1: constant lr
+weight_decay = 0.0
+grad_clip = 1.0
+ema_decay = 0.999
+seed = 1337
+# flow
+t_sampling = 'uniform'
+p_uncond = 0.1  # label dropout: the share of null-class labels in training
+sample_steps = 50
+sample_cfg = 5.0  # guidance of the sample grids
+# model
+base_channels = 32
+channel_mult = (1, 2, 2)
+# system
+device = 'auto'
+dtype = 'bfloat16'
+compile = False
+channels_last = True  # NHWC convolutions: faster with oneDNN on CPU and with cuDNN on GPU
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+config = {k: globals()[k] for k in _config_keys}
+# -----------------------------------------------------------------------------
+
+
+def die(msg):
+    print(f'error: {msg}', file=sys.stderr)
+    sys.exit(1)
+
+
+for key, value, choices in [('dataset', dataset, ('mnist', 'fashion_mnist', 'cifar10', 'folder')),
+                            ('dtype', dtype, ('bfloat16', 'float32')), ('device', device, ('auto', 'cpu', 'cuda')),
+                            ('init_from', init_from, ('scratch', 'resume')),
+                            ('t_sampling', t_sampling, ('logit_normal', 'uniform', 'mode'))]:
+    if value not in choices:
+        die(f"unknown {key} {value!r}: choose one of {', '.join(choices)}")
+try:
+    ddp, rank, local_rank, world_size, device = setup_distributed(device, batch_size)
+except ValueError as e:
+    die(e)
+master, device_type = rank == 0, ('cuda' if device.startswith('cuda') else 'cpu')
+torch.manual_seed(seed + rank)
+ctx = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
+memory_format = torch.channels_last if channels_last else torch.contiguous_format
+log = print if master else (lambda *a, **k: None)
+
+# data: resized to image_size, in [-1, 1]
+if ddp and not master:
+    dist.barrier()  # rank 0 downloads first
+try:
+    x_all, y_all = load_dataset(dataset, data_dir, train=True, image_size=image_size, download=download and master)
+except (FileNotFoundError, ValueError) as e:
+    die(e)
+if ddp and master:
+    dist.barrier()
+C, num_classes = x_all.shape[1], int(y_all.max()) + 1
+batches = Batches(x_all, y_all, batch_size, world_size, rank, seed, size=image_size, device=device)
+iters_per_epoch = batches.iters_per_epoch
+if iters_per_epoch == 0:
+    die(f'{len(x_all)} images are fewer than one batch of {batch_size}: lower --batch_size')
+max_iters = max_iters or epochs * iters_per_epoch
+if image_size % 2 ** (len(channel_mult) - 1):
+    die(f'image_size {image_size} must be divisible by {2 ** (len(channel_mult) - 1)} for channel_mult {channel_mult}')
+
+# model: a UNet conditioned on t and the class (index num_classes = the null class)
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+model_args = dict(in_channels=C, input_size=image_size, base_channels=base_channels, channel_mult=tuple(channel_mult),
+                  time_cond=True, num_classes=num_classes, p_uncond=p_uncond)
+iter_num, ckpt = 0, None
+if init_from == 'resume':
+    try:
+        expect = dict(in_channels=C, input_size=image_size, time_cond=True, num_classes=num_classes)
+        ckpt = resume_checkpoint(ckpt_path, expect)
+    except ValueError as e:
+        die(e)
+    model_args, iter_num = ckpt['model_args'], ckpt['iter_num']
+model = UNet(**model_args).to(device, memory_format=memory_format)
+ema = copy.deepcopy(model).eval().requires_grad_(False)
+optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+if ckpt is not None:
+    model.load_state_dict(ckpt['model'])
+    ema.load_state_dict(ckpt['ema'])
+    optimizer.load_state_dict(ckpt['optimizer'])
+    set_rng_states(ckpt['rng'], rank, world_size, seed + rank + iter_num)
+    del ckpt
+train_model = torch.compile(model) if compile else model
+if ddp:
+    train_model = DDP(train_model, device_ids=[local_rank] if device_type == 'cuda' else None)
+flow = RectifiedFlow(t_sampling)
+
+
+@torch.no_grad()
+def write_samples(path):
+    """Row k = 4 samples of class k at guidance sample_cfg, from fixed noise (grids compare across epochs)."""
+    n_rows = min(num_classes, 10)
+    z = torch.randn(4 * n_rows, C, image_size, image_size, generator=torch.Generator().manual_seed(seed)).to(device)
+    y = torch.arange(n_rows, device=device).repeat_interleave(4)
+    with ctx:
+        x = sample(ema, z.contiguous(memory_format=memory_format), y, steps=sample_steps, cfg=sample_cfg)
+    save_grid(x, path, nrow=4)
+
+
+log_path = os.path.join(out_dir, 'log.jsonl')
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    start_log(log_path, iter_num)
+log(f'class-conditional UNet {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | {dataset} '
+    f'{len(x_all)} images at {C}x{image_size}x{image_size}, {num_classes} classes | {world_size} process(es) on '
+    f'{device}, {dtype} | batch {batch_size}, {iters_per_epoch} iters/epoch, iters {iter_num} -> {max_iters}', flush=True)
+
+progress = Progress(iter_num, max_iters, batch_size, iters_per_epoch)
+train_model.train()
+while iter_num < max_iters:
+    lr = cosine_lr(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters or max_iters)
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    x0, y = batches.get(iter_num)
+    with ctx:
+        loss, _ = flow.loss(train_model, x0.contiguous(memory_format=memory_format), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    loss_all = mean_over_processes(loss, ddp, world_size)
+    if not math.isfinite(loss_all):
+        die(f'loss is {loss_all} at iter {iter_num}; stopped without writing, the last good checkpoint '
+            f'({ckpt_path}) is untouched. Lower --learning_rate or use --dtype=float32, then --init_from=resume')
+    optimizer.step()
+    update_ema(ema, model, min(ema_decay, (1 + iter_num) / (10 + iter_num)))
+    iter_num += 1
+    progress.add(loss_all)
+
+    if iter_num % log_interval == 0 or iter_num == max_iters:
+        row, line = progress.report(iter_num, lr)
+        log(line, flush=True)
+        if master:
+            with open(log_path, 'a') as f:
+                f.write(json.dumps(row) + '\n')
+    epoch_done = iter_num % iters_per_epoch == 0 and iter_num // iters_per_epoch in sample_epochs
+    if master and epoch_done:
+        write_samples(os.path.join(out_dir, f'samples_epoch{iter_num // iters_per_epoch:02d}.png'))
+        progress.pause()
+    if iter_num % ckpt_interval == 0 or iter_num == max_iters:
+        rng = rng_states(ddp, world_size)
+        if master:
+            save_checkpoint(dict(model_args=model_args, model=model.state_dict(), ema=ema.state_dict(),
+                                 optimizer=optimizer.state_dict(), iter_num=iter_num, epoch=iter_num // iters_per_epoch,
+                                 config=config, rng=rng), ckpt_path)
+        progress.pause()
+
+if master:
+    rows = [json.loads(line) for line in open(log_path)]
+    plot_loss([r['iter'] for r in rows], [r['loss'] for r in rows], os.path.join(out_dir, 'loss.png'),
+              title=f'class-conditional UNet (CFG) on {dataset}')
+    write_samples(os.path.join(out_dir, 'samples.png'))
+    log(f'done: {iter_num} iters in {(time.time() - progress.t_start) / 60:.1f} min; outputs in {out_dir}', flush=True)
+if ddp:
+    dist.destroy_process_group()

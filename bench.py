@@ -1,13 +1,15 @@
 """
-Speed of the DiT presets on this machine: training images/s, sampling images/s per network
-evaluation (NFE), and model FLOPs utilisation (MFU) against the matmul peak measured here.
+Speed of the DiT presets and the MNIST UNet on this machine: training images/s, sampling images/s
+per network evaluation (NFE), and model FLOPs utilisation (MFU) against the matmul peak measured here.
 
-    python bench.py                         # both presets, every variant, one table
+    python bench.py                         # every preset, every variant, one table
     python bench.py --presets=dit_mnist --iters=5
+    python bench.py --curves=out/curve_float32,out/curve_bfloat16   # overlay two training runs
 
 FLOPs are counted by torch.utils.flop_counter on one real forward + backward (every matmul,
 convolution and attention product, backward included), not guessed from parameter counts.
-The baseline is the same network in fp32, eager, with an explicit softmax(q k^T / sqrt(d)) v.
+The baseline is the same network in fp32, eager (for the DiT with an explicit softmax(q k^T / sqrt(d)) v,
+for the UNet in the default NCHW memory format).
 """
 import json
 import os
@@ -17,14 +19,15 @@ from contextlib import nullcontext
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import DiT_Llama, RectifiedFlow
+from model import DiT_Llama, RectifiedFlow, UNet
 
 # -----------------------------------------------------------------------------
-presets = 'dit_mnist,dit_cifar10'  # comma-separated names of config/<name>.py
+presets = 'dit_mnist,dit_cifar10,unet_mnist'  # config/<name>.py for the DiT; unet_mnist = the course's UNet
 batch_size = 0  # 0: the preset's batch for MNIST, 32 for CIFAR-10 (on a CPU a step of 256 takes over a minute)
 iters = 4  # timed iterations (after `warmup` untimed ones)
 warmup = 2
-variants = 'baseline,fp32_sdpa,bf16_sdpa,bf16_math,bf16_math_compile,bf16_sdpa_compile'
+dit_variants = 'baseline,fp32_sdpa,bf16_sdpa,bf16_math,bf16_math_compile,bf16_sdpa_compile'
+unet_variants = 'baseline,fp32_cl,bf16,bf16_cl,bf16_cl_compile'
 device = 'auto'
 out_json = 'bench.json'
 seed = 0
@@ -34,10 +37,12 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator
 device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 sync = torch.cuda.synchronize if device_type == 'cuda' else (lambda: None)
-VARIANTS = {  # name: (dtype, attention through SDPA?, torch.compile?)
-    'baseline': ('float32', False, False), 'fp32_sdpa': ('float32', True, False),
-    'bf16_sdpa': ('bfloat16', True, False), 'bf16_math': ('bfloat16', False, False),
-    'bf16_math_compile': ('bfloat16', False, True), 'bf16_sdpa_compile': ('bfloat16', True, True)}
+VARIANTS = {  # name: (dtype, DiT attention through SDPA?, torch.compile?, UNet in channels_last?)
+    'baseline': ('float32', False, False, False), 'fp32_sdpa': ('float32', True, False, False),
+    'bf16_sdpa': ('bfloat16', True, False, False), 'bf16_math': ('bfloat16', False, False, False),
+    'bf16_math_compile': ('bfloat16', False, True, False), 'bf16_sdpa_compile': ('bfloat16', True, True, False),
+    'fp32_cl': ('float32', False, False, True), 'bf16': ('bfloat16', False, False, False),
+    'bf16_cl': ('bfloat16', False, False, True), 'bf16_cl_compile': ('bfloat16', False, True, True)}
 
 
 def matmul_peak(dtype, n=2048, reps=10):
@@ -54,12 +59,18 @@ def matmul_peak(dtype, n=2048, reps=10):
 
 
 def preset_config(name):
+    if name == 'unet_mnist':  # the class-conditional UNet of train_class_cfg.py at its defaults
+        return dict(dataset='mnist', batch_size=128, unet=dict(in_channels=1, input_size=32, base_channels=32,
+                                                               channel_mult=(1, 2, 2), num_classes=10))
     cfg = {}
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config', f'{name}.py')).read(), {}, cfg)
     return cfg
 
 
-def build(cfg, sdpa):
+def build(cfg, sdpa, channels_last):
+    if 'unet' in cfg:
+        model = UNet(**cfg['unet']).to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        return model, cfg['unet']['in_channels'], cfg['unet']['input_size']
     C, S = (3, 32) if cfg['dataset'] == 'cifar10' else (1, 28)
     args = dict(in_channels=C, input_size=S, patch_size=cfg.get('patch_size', 2), dim=cfg.get('dim', 128),
                 n_layers=cfg.get('n_layers', 6), n_heads=cfg.get('n_heads', 4))
@@ -78,14 +89,16 @@ def timed(fn, n):
 
 
 def bench(cfg, variant, B):
-    dtype, sdpa, use_compile = VARIANTS[variant]
+    dtype, sdpa, use_compile, channels_last = VARIANTS[variant]
     torch.manual_seed(seed)
-    model, C, S = build(cfg, sdpa)
+    model, C, S = build(cfg, sdpa, channels_last)
     run_model = torch.compile(model) if use_compile else model
     ctx = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     flow = RectifiedFlow()
     x0, y = torch.randn(B, C, S, S, device=device), torch.randint(0, 10, (B,), device=device)
+    if channels_last:
+        x0 = x0.contiguous(memory_format=torch.channels_last)
 
     def train_step():
         with ctx:
@@ -106,7 +119,7 @@ def bench(cfg, variant, B):
     t_train = timed(train_step, iters)
     t_nfe = timed(nfe, iters)
     peak = peaks[dtype]
-    return dict(preset=cfg['name'], variant=variant, dtype=dtype, sdpa=sdpa, compile=use_compile, batch=B,
+    return dict(preset=cfg['name'], variant=variant, dtype=dtype, sdpa=sdpa, compile=use_compile, channels_last=channels_last, batch=B,
                 train_img_s=B / t_train, sample_img_s_per_nfe=B / t_nfe, train_gflop_per_img=train_flops / B / 1e9,
                 train_tflops=train_flops / t_train / 1e12, mfu=train_flops / t_train / peak)
 
@@ -151,7 +164,7 @@ for name in presets.split(','):
     cfg = dict(preset_config(name), name=name)
     B = batch_size or (cfg.get('batch_size', 128) if cfg['dataset'] != 'cifar10' else 32)
     base = None
-    for variant in variants.split(','):
+    for variant in (unet_variants if 'unet' in cfg else dit_variants).split(','):
         r = bench(cfg, variant, B)
         base = base or (r['train_img_s'] if variant == 'baseline' else None)
         r['speedup_vs_baseline'] = r['train_img_s'] / base if base else None

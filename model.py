@@ -9,6 +9,7 @@ import math
 import os
 import pickle
 import shutil
+import sys
 import time
 
 import numpy as np
@@ -602,6 +603,22 @@ def plot_loss_vs_t(t, loss, path, bins=20):
 
 # -----------------------------------------------------------------------------
 # training plumbing shared by the train_*.py scripts
+
+
+DATASETS = ('mnist', 'fashion_mnist', 'cifar10', 'folder')
+
+
+def die(msg):
+    """How every script reports bad input: one line on stderr, exit code 1, no traceback."""
+    print(f'error: {msg}', file=sys.stderr)
+    sys.exit(1)
+
+
+def check_choices(**settings):
+    """settings: name=(value, allowed values); dies naming the first value that is not allowed."""
+    for key, (value, choices) in settings.items():
+        if value not in choices:
+            die(f"unknown {key} {value!r}: choose one of {', '.join(choices)}")
 
 
 def setup_distributed(device, batch_size):

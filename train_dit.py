@@ -12,7 +12,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from contextlib import nullcontext
 
@@ -20,9 +19,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import (Batches, DiT_Llama, Progress, RectifiedFlow, cosine_lr, load_dataset, resume_checkpoint,
-                   mean_over_processes, plot_loss, plot_loss_vs_t, rng_states, sample, save_checkpoint, save_grid,
-                   set_rng_states, setup_distributed, start_log, update_ema)
+from model import (Batches, DATASETS, DiT_Llama, Progress, RectifiedFlow, check_choices, cosine_lr, die,
+                   load_dataset, mean_over_processes, plot_loss, plot_loss_vs_t, resume_checkpoint, rng_states,
+                   sample, save_checkpoint, save_grid, set_rng_states, setup_distributed, start_log, update_ema)
 
 # -----------------------------------------------------------------------------
 # default config: MNIST; config/dit_cifar10.py holds the CIFAR-10 preset
@@ -73,17 +72,10 @@ config = {k: globals()[k] for k in _config_keys}
 # -----------------------------------------------------------------------------
 
 
-def die(msg):
-    print(f'error: {msg}', file=sys.stderr)
-    sys.exit(1)
-
-
-for key, value, choices in [('dataset', dataset, ('mnist', 'fashion_mnist', 'cifar10', 'folder')),
-                            ('dtype', dtype, ('bfloat16', 'float32')), ('device', device, ('auto', 'cpu', 'cuda')),
-                            ('init_from', init_from, ('scratch', 'resume')), ('attention', attention, ('auto', 'sdpa', 'math')),
-                            ('t_sampling', t_sampling, ('logit_normal', 'uniform', 'mode'))]:
-    if value not in choices:
-        die(f"unknown {key} {value!r}: choose one of {', '.join(choices)}")
+check_choices(dataset=(dataset, DATASETS), dtype=(dtype, ('bfloat16', 'float32')),
+              device=(device, ('auto', 'cpu', 'cuda')), init_from=(init_from, ('scratch', 'resume')),
+              attention=(attention, ('auto', 'sdpa', 'math')),
+              t_sampling=(t_sampling, ('logit_normal', 'uniform', 'mode')))
 
 # processes and devices: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE
 try:

@@ -11,7 +11,6 @@ import copy
 import json
 import math
 import os
-import sys
 import time
 from contextlib import nullcontext
 
@@ -19,9 +18,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import (Batches, Progress, RectifiedFlow, UNet, cosine_lr, load_dataset, mean_over_processes, plot_loss,
-                   resume_checkpoint, rng_states, sample, save_checkpoint, save_grid, set_rng_states,
-                   setup_distributed, start_log, update_ema)
+from model import (Batches, DATASETS, Progress, RectifiedFlow, UNet, check_choices, cosine_lr, die, load_dataset,
+                   mean_over_processes, plot_loss, resume_checkpoint, rng_states, sample, save_checkpoint,
+                   save_grid, set_rng_states, setup_distributed, start_log, update_ema)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -62,17 +61,9 @@ config = {k: globals()[k] for k in _config_keys}
 # -----------------------------------------------------------------------------
 
 
-def die(msg):
-    print(f'error: {msg}', file=sys.stderr)
-    sys.exit(1)
-
-
-for key, value, choices in [('dataset', dataset, ('mnist', 'fashion_mnist', 'cifar10', 'folder')),
-                            ('dtype', dtype, ('bfloat16', 'float32')), ('device', device, ('auto', 'cpu', 'cuda')),
-                            ('init_from', init_from, ('scratch', 'resume')),
-                            ('t_sampling', t_sampling, ('logit_normal', 'uniform', 'mode'))]:
-    if value not in choices:
-        die(f"unknown {key} {value!r}: choose one of {', '.join(choices)}")
+check_choices(dataset=(dataset, DATASETS), dtype=(dtype, ('bfloat16', 'float32')),
+              device=(device, ('auto', 'cpu', 'cuda')), init_from=(init_from, ('scratch', 'resume')),
+              t_sampling=(t_sampling, ('logit_normal', 'uniform', 'mode')))
 try:
     ddp, rank, local_rank, world_size, device = setup_distributed(device, batch_size)
 except ValueError as e:

@@ -641,6 +641,20 @@ def setup_distributed(device, batch_size):
     return ddp, rank, local_rank, world_size, device
 
 
+def load_training_set(dataset, data_dir, image_size, download, ddp, master):
+    """The training set on every process; under DDP rank 0 loads (and downloads) first. Dies with one line on error."""
+    import torch.distributed as dist
+    if ddp and not master:
+        dist.barrier()  # rank 0 downloads first
+    try:
+        x, y = load_dataset(dataset, data_dir, train=True, image_size=image_size, download=download and master)
+    except (FileNotFoundError, ValueError) as e:
+        die(e)
+    if ddp and master:
+        dist.barrier()
+    return x, y
+
+
 class Batches:
     """Batch number `it` of a run over in-memory uint8 images: the order depends only on (seed, epoch),
     through a DistributedSampler share per process, so a resumed run sees exactly the same batches."""

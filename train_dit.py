@@ -20,8 +20,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import (Batches, DATASETS, DiT_Llama, Progress, RectifiedFlow, check_choices, cosine_lr, die,
-                   load_dataset, mean_over_processes, plot_loss, plot_loss_vs_t, resume_checkpoint, rng_states,
-                   sample, save_checkpoint, save_grid, set_rng_states, setup_distributed, start_log, update_ema)
+                   load_training_set, mean_over_processes, plot_loss, plot_loss_vs_t, resume_checkpoint,
+                   rng_states, sample, save_checkpoint, save_grid, set_rng_states, setup_distributed, start_log,
+                   update_ema)
 
 # -----------------------------------------------------------------------------
 # default config: MNIST; config/dit_cifar10.py holds the CIFAR-10 preset
@@ -90,14 +91,7 @@ ctx = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == 'bfloat16' e
 log = print if master else (lambda *a, **k: None)
 
 # data: the whole set as uint8 in memory; each process reads its DistributedSampler share
-if ddp and not master:
-    dist.barrier()  # rank 0 downloads first
-try:
-    x_all, y_all = load_dataset(dataset, data_dir, train=True, image_size=image_size, download=download and master)
-except (FileNotFoundError, ValueError) as e:
-    die(e)
-if ddp and master:
-    dist.barrier()
+x_all, y_all = load_training_set(dataset, data_dir, image_size, download, ddp, master)
 C, H, W = x_all.shape[1:]
 num_classes = int(y_all.max()) + 1
 batches = Batches(x_all, y_all, batch_size, world_size, rank, seed, hflip=hflip, device=device)

@@ -18,9 +18,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import (Batches, DATASETS, Progress, RectifiedFlow, UNet, check_choices, cosine_lr, die, load_dataset,
-                   mean_over_processes, plot_loss, resume_checkpoint, rng_states, sample, save_checkpoint,
-                   save_grid, set_rng_states, setup_distributed, start_log, update_ema)
+from model import (Batches, DATASETS, Progress, RectifiedFlow, UNet, check_choices, cosine_lr, die,
+                   load_training_set, mean_over_processes, plot_loss, resume_checkpoint, rng_states, sample,
+                   save_checkpoint, save_grid, set_rng_states, setup_distributed, start_log, update_ema)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -75,14 +75,7 @@ memory_format = torch.channels_last if channels_last else torch.contiguous_forma
 log = print if master else (lambda *a, **k: None)
 
 # data: resized to image_size, in [-1, 1]
-if ddp and not master:
-    dist.barrier()  # rank 0 downloads first
-try:
-    x_all, y_all = load_dataset(dataset, data_dir, train=True, image_size=image_size, download=download and master)
-except (FileNotFoundError, ValueError) as e:
-    die(e)
-if ddp and master:
-    dist.barrier()
+x_all, y_all = load_training_set(dataset, data_dir, image_size, download, ddp, master)
 C = x_all.shape[1]
 batches = Batches(x_all, y_all, batch_size, world_size, rank, seed, size=image_size, device=device)
 iters_per_epoch = batches.iters_per_epoch

@@ -55,6 +55,7 @@ sample_cfg = 5.0  # guidance of the sample grids
 # model
 base_channels = 32
 channel_mult = (1, 2, 2)
+n_res = 2  # ResBlocks per level (1 halves the cost: what the CPU runs in the README use)
 # system
 device = 'auto'
 dtype = 'bfloat16'
@@ -91,7 +92,7 @@ if image_size % 2 ** (len(channel_mult) - 1):
 
 # model: a UNet conditioned on t and the class (index num_classes = the null class)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-model_args = dict(in_channels=C, input_size=image_size, base_channels=base_channels, channel_mult=tuple(channel_mult),
+model_args = dict(in_channels=C, input_size=image_size, base_channels=base_channels, channel_mult=tuple(channel_mult), n_res=n_res,
                   time_cond=True, num_classes=num_classes, p_uncond=p_uncond)
 iter_num, ckpt = 0, None
 if init_from == 'resume':

@@ -246,8 +246,8 @@ class ResBlock(nn.Module):
 
     def __init__(self, c_in, c_out, emb_dim=0):
         super().__init__()
-        self.norm1, self.conv1 = nn.GroupNorm(min(8, c_in), c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm2, self.conv2 = nn.GroupNorm(min(8, c_out), c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.norm1, self.conv1 = nn.GroupNorm(math.gcd(8, c_in), c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2, self.conv2 = nn.GroupNorm(math.gcd(8, c_out), c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
         self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * c_out)) if emb_dim else None
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
@@ -265,7 +265,7 @@ class AttnBlock(nn.Module):
     def __init__(self, c, n_heads=4):
         super().__init__()
         self.n_heads = n_heads
-        self.norm, self.qkv, self.proj = nn.GroupNorm(min(8, c), c), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
+        self.norm, self.qkv, self.proj = nn.GroupNorm(math.gcd(8, c), c), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
 
     def forward(self, x):
         B, C, H, W = x.shape
@@ -306,7 +306,7 @@ class UNet(nn.Module):
                     self.up[-1].append(AttnBlock(ch))
             if level > 0:
                 self.up.append(nn.ModuleList([nn.Upsample(scale_factor=2, mode='nearest'), nn.Conv2d(ch, ch, 3, padding=1)]))
-        self.out = nn.Sequential(nn.GroupNorm(min(8, ch), ch), nn.SiLU(), nn.Conv2d(ch, in_channels, 3, padding=1))
+        self.out = nn.Sequential(nn.GroupNorm(math.gcd(8, ch), ch), nn.SiLU(), nn.Conv2d(ch, in_channels, 3, padding=1))
 
     def _run(self, layers, h, emb):
         for layer in layers:
@@ -338,6 +338,21 @@ class UNet(nn.Module):
 def build_model(model_args):
     """The network a checkpoint's model_args describe: DiT-LLaMA args have `dim`, the UNet's `base_channels`."""
     return DiT_Llama(**model_args) if 'dim' in model_args else UNet(**model_args)
+
+
+class MnistClassifier(nn.Module):
+    """A small CNN for 1x32x32 images in [-1, 1]: its 128-d penultimate layer is the feature space of the
+    classifier-FID, its logits score whether a sample shows the class it was asked for."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        block = lambda c_in, c_out: [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)]
+        self.features = nn.Sequential(*block(1, 32), *block(32, 64), *block(64, 128), nn.Flatten(),
+                                      nn.Dropout(0.3), nn.Linear(128 * 4 * 4, 128), nn.ReLU())
+        self.head = nn.Linear(128, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x))
 
 
 # -----------------------------------------------------------------------------
@@ -522,6 +537,11 @@ def to_model_range(x_uint8):
     return x_uint8.float() / 127.5 - 1.0  # [0, 255] -> [-1, 1]
 
 
+def to_uint8(x):
+    """[-1, 1] NCHW -> uint8 NHWC numpy (the layout of image files and FID .npz files)."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
 def save_checkpoint(ckpt, path):
     """Atomic: write a temporary file, then rename it over the old checkpoint."""
     tmp = path + '.tmp'
@@ -539,6 +559,38 @@ def load_checkpoint(path, map_location='cpu'):
     if not isinstance(ckpt, dict) or 'model_args' not in ckpt or 'model' not in ckpt:
         raise ValueError(f'{path} is not a nanoflow checkpoint (no model_args / model)')
     return ckpt
+
+
+def load_flow_model(path, device='cpu', use_ema=True):
+    """The flow model of a checkpoint (EMA weights by default), rebuilt from model_args alone, in eval mode,
+    and the checkpoint. ValueError with a one-line reason for anything that is not a flow checkpoint."""
+    try:
+        ckpt = load_checkpoint(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f'{e}: pass --out_dir=DIR of a training run or --ckpt=PATH') from None
+    if not ckpt['model_args'].get('time_cond', True):
+        raise ValueError(f'{path} is a one-step denoiser (no time input), not a flow model: use a checkpoint of '
+                         f'train_flow_unet.py, train_class_cfg.py or train_dit.py')
+    model = build_model(ckpt['model_args'])
+    model.load_state_dict(ckpt['ema'] if use_ema and ckpt.get('ema') else ckpt['model'])
+    return model.to(device).eval(), ckpt
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), with Tr (S1 S2)^(1/2) = sum sqrt(eig(S1^(1/2) S2 S1^(1/2)))."""
+    import numpy as np
+    mu1, mu2, sigma1, sigma2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, sigma1, sigma2))
+    w, U = np.linalg.eigh(sigma1)
+    sqrt1 = (U * np.sqrt(w.clip(min=0))) @ U.T
+    tr_covmean = np.sqrt(np.linalg.eigvalsh(sqrt1 @ sigma2 @ sqrt1).clip(min=0)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+def feature_stats(f):
+    """Mean and covariance of features [N, D] (the Gaussian that FID compares)."""
+    import numpy as np
+    f = np.asarray(f, dtype=np.float64)
+    return f.mean(0), np.cov(f, rowvar=False)
 
 
 def resume_checkpoint(path, expect):

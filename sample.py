@@ -19,7 +19,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from model import NFE_PER_STEP, build_model, load_checkpoint, sample, save_grid, save_labelled_grid
+from model import NFE_PER_STEP, die, load_flow_model, sample, save_grid, save_labelled_grid, to_uint8
 
 # -----------------------------------------------------------------------------
 out_dir = 'out/dit_mnist'
@@ -43,11 +43,6 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator
 # -----------------------------------------------------------------------------
 
 
-def die(msg):
-    print(f'error: {msg}', file=sys.stderr)
-    sys.exit(1)
-
-
 if solver not in NFE_PER_STEP:
     die(f"unknown solver {solver!r}: choose one of {', '.join(NFE_PER_STEP)}")
 if steps < 1:
@@ -59,16 +54,9 @@ if save_npz and num_samples < 1:
 device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
 ckpt_path = ckpt or os.path.join(out_dir, 'ckpt.pt')
 try:
-    checkpoint = load_checkpoint(ckpt_path)
-except (FileNotFoundError, ValueError) as e:
-    die(f'{e}: pass --out_dir=DIR of a training run or --ckpt=PATH')
-model_args = checkpoint['model_args']
-if not model_args.get('time_cond', True):
-    die(f'{ckpt_path} is a one-step denoiser (no time input), not a flow model: sample a checkpoint of '
-        f'train_flow_unet.py, train_class_cfg.py or train_dit.py')
-model = build_model(model_args)
-model.load_state_dict(checkpoint['ema'] if use_ema and checkpoint.get('ema') else checkpoint['model'])
-model = model.to(device).eval()
+    model, _ = load_flow_model(ckpt_path, device, use_ema)
+except ValueError as e:
+    die(e)
 num_classes = model.num_classes
 conditional = num_classes > 0
 if not conditional and any(a.startswith('--cfg=') for a in sys.argv[1:]):
@@ -100,11 +88,6 @@ def generate(z, y, steps=steps, cfg=cfg, return_traj=False):
 
 def noise(n, seed_offset=0):
     return torch.randn(n, C, S, S, generator=torch.Generator().manual_seed(seed + seed_offset)).to(device)
-
-
-def to_uint8(x):
-    """[-1, 1] NCHW -> uint8 NHWC."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 # the grid: a row per class (class-conditional), else 8x8

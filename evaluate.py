@@ -47,6 +47,7 @@ classifier_epochs = 4
 inception = 'auto'  # auto: Inception FID when the weights are found | on: required | off
 inception_weights = ''  # '' = torchvision's cache (TORCH_HOME/hub/checkpoints/inception_v3_google-0cc3c7bd.pth)
 num_ref = 10000  # training images for the Inception reference statistics
+inception_stats = ''  # '' = out/inception_stats_<dataset>_<num_ref>.npz (computed once, then reused)
 out_json = ''  # '' = out_dir/eval.json
 device = 'auto'
 dtype = 'bfloat16'  # bfloat16 (autocast) | float32
@@ -220,14 +221,14 @@ def inception_features(net, x_uint8_nhwc):
 
 def inception_reference(net):
     """Inception statistics of num_ref training images, cached next to the classifier cache."""
-    path = os.path.join('out', f'inception_stats_{dataset}_{num_ref}.npz')
+    path = inception_stats or os.path.join('out', f'inception_stats_{dataset}_{num_ref}.npz')
     if os.path.isfile(path):
         d = np.load(path)
         return d['mu'], d['sigma']
     x, _ = load_real(True)
     x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:num_ref]]
     mu, sigma = feature_stats(inception_features(net, x.permute(0, 2, 3, 1).numpy()))
-    os.makedirs('out', exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     np.savez(path, mu=mu, sigma=sigma)
     return mu, sigma
 

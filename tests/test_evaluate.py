@@ -90,3 +90,18 @@ def test_evaluate_refuses_the_denoiser(mnist_dir, tmp_path):
         '--channel_mult=(1,2)', '--download=False', '--batch_size=32', '--warmup_iters=0')
     p = run('evaluate.py', f'--out_dir={out}', f'--data_dir={mnist_dir}', check=False)
     assert p.returncode != 0 and 'not a flow model' in p.stderr
+
+
+def test_inception_fid_from_a_local_weights_file(cfg_run, mnist_dir, classifier, tmp_path):
+    """The weights file path works offline (random weights here: the plumbing, not the number, is tested)."""
+    import torch
+    from torchvision.models import inception_v3
+    weights = str(tmp_path / 'inception.pth')
+    torch.manual_seed(0)
+    torch.save(inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(), weights)
+    js = str(tmp_path / 'e.json')
+    run('evaluate.py', f'--out_dir={cfg_run[0]}', f'--data_dir={mnist_dir}', f'--classifier_path={classifier}',
+        '--classifier_epochs=1', '--num_samples=6', '--steps=1', f'--inception_weights={weights}', '--num_ref=12',
+        f'--inception_stats={tmp_path / "stats.npz"}', f'--out_json={js}')
+    fid = json.load(open(js))['rows'][0]['fid_inception']
+    assert fid is not None and fid >= 0 and os.path.isfile(tmp_path / 'stats.npz')

@@ -1,0 +1,263 @@
+"""
+The "ideal score machines" of Kamb & Ganguli (arXiv:2412.20292) beside the trained flow UNet, in this project's
+convention x_t = (1 - t) x0 + t eps. Each machine turns x_t into an estimate x0_hat from the training set alone,
+hence a velocity v = (x_t - x0_hat) / t, integrated with the UNet's solver and time grid. The softmax weights are
+    w ∝ exp(-|| q - (1 - t) k ||^2 / (2 t^2))     (q: a piece of x_t, k: the matching piece of a training image)
+  IS     q = the whole image: a posterior over training images, so it can only return one of them;
+  LS     q = the P x P patch around each pixel, compared with the patch at the same place of every image;
+  ELS    ... compared with the patches at every place of every image (translation equivariant);
+  bbELS  ELS where a patch that crosses the border is compared only with patches that cross it the same way.
+
+    python ideal_machines.py --data_dir=../shared/data --ckpt=out/flow_unet/ckpt.pt --num_train=0 --patch_size=7
+    python ideal_machines.py --data_dir=../shared/data --calibrate   # P per t: the machine closest to the UNet
+
+Writes under out_dir: compare.png (a row per noise: noise, UNet, IS, LS, ELS, bbELS, nearest training image to
+the UNet's sample), compare.json (r^2 and MSE of each machine against the UNet, median over the noises) and,
+with --calibrate, patch_schedule.json. The training set streams in chunks with a running log-sum-exp, so memory
+does not grow with N beyond the images themselves and their patch norms.
+"""
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+MACHINES = ('IS', 'LS', 'ELS', 'bbELS')
+
+
+def patches(x, P):
+    """[B, C, H, W] -> [B, C*P*P, H*W]: the P x P patch around every pixel, zero outside the image."""
+    return F.unfold(x, P, padding=P // 2)
+
+
+def patch_norms(train, P):
+    """||k||^2 of every training patch, [N, H*W]: a box filter over phi^2 (computed once per P, reused every step)."""
+    sq = train.pow(2).sum(1, keepdim=True)
+    return (F.avg_pool2d(sq, P, stride=1, padding=P // 2, count_include_pad=True) * P * P).flatten(1)
+
+
+BLOCK = 2 ** 24  # the largest logits block (elements) ELS / bbELS form at once: 64 MB in fp32, whatever N is
+peak = {'block': 0}  # the largest logits block formed so far (the tests check it does not grow with N)
+
+
+def softmax_update(state, logits, wsum):
+    """One chunk of an online softmax over dim 1 of logits: state (m, s, a) holds the running max m, the sum
+    s = sum exp(logit - m) and the weighted sum a = sum exp(logit - m) value; wsum(e) gives sum_j e_j value_j."""
+    peak['block'] = max(peak['block'], logits.numel())
+    m_chunk = logits.amax(1)
+    if state is None:
+        m, s, a = m_chunk, 0.0, 0.0
+    else:
+        m_old, s, a = state
+        m = torch.maximum(m_old, m_chunk)
+        scale = torch.exp(m_old - m)  # rescale what was summed under the old max
+        s, a = s * scale, a * scale.unsqueeze(1)
+    e = torch.exp(logits - m.unsqueeze(1))
+    return m, s + e.sum(1), a + wsum(e)
+
+
+def groups_for(machine, H, W, P):
+    """Which candidate locations each query location is compared with: [(query_locs, candidate_locs)].
+    ELS: one group, all with all. bbELS: a group per border class (how far a patch sticks out on each side)."""
+    if machine == 'ELS':
+        every = torch.arange(H * W)
+        return [(every, every)]
+    r = P // 2
+    border = lambda i, n: (max(0, r - i), max(0, i + r - (n - 1)))  # rows (cols) of the patch outside the image
+    classes = {}
+    for i in range(H):
+        for j in range(W):
+            classes.setdefault((border(i, H), border(j, W)), []).append(i * W + j)
+    return [(torch.tensor(g), torch.tensor(g)) for g in classes.values()]
+
+
+@torch.no_grad()
+def x0_hat(machine, xt, t, train, P=7, chunk=256, norms=None, matmul_dtype=torch.float32):
+    """The machine's estimate of x0 for x_t [B, C, H, W] at time t (0 < t <= 1) from train [N, C, H, W]."""
+    B, C, H, W = xt.shape
+    a = 1.0 - t
+    # logit = [2 (1 - t) q.k - (1 - t)^2 ||k||^2] / (2 t^2); ||q||^2 is the same for every candidate and drops out
+    logit = lambda dots, kn: (2 * a * dots.float() - a * a * kn) / (2 * t * t)
+    if machine in ('IS', 'LS'):  # softmax over images only, per location (IS: one location, the whole image)
+        q = xt.flatten(1).unsqueeze(-1) if machine == 'IS' else patches(xt, P)  # [B, J, L]
+        state = None
+        for i in range(0, len(train), chunk):
+            phi = train[i:i + chunk]
+            k = phi.flatten(1).unsqueeze(-1) if machine == 'IS' else patches(phi, P)  # [n, J, L]
+            kn = k.pow(2).sum(1) if machine == 'IS' or norms is None else norms[i:i + chunk]  # [n, L]
+            dots = torch.einsum('bjl,njl->bnl', q.to(matmul_dtype), k.to(matmul_dtype))
+            v = phi.flatten(1).unsqueeze(-1) if machine == 'IS' else phi.flatten(2)  # [n, V, L]: what is averaged
+            state = softmax_update(state, logit(dots, kn.unsqueeze(0)), lambda e: torch.einsum('bnl,nvl->bvl', e, v))
+        _, s, acc = state
+        return (acc / s.unsqueeze(1)).reshape(B, C, H, W)
+    # ELS / bbELS: softmax over (image, location) within each group of locations
+    q = patches(xt, P)
+    J = q.shape[1]
+    groups = groups_for(machine, H, W, P)
+    states = [None] * len(groups)
+    for i in range(0, len(train), chunk):
+        phi = train[i:i + chunk]
+        k, v = patches(phi, P), phi.flatten(2)
+        kn = norms[i:i + chunk] if norms is not None else k.pow(2).sum(1)
+        for g, (ql, cl) in enumerate(groups):
+            Q = q[:, :, ql].transpose(1, 2).reshape(-1, J).to(matmul_dtype)  # [B*|q|, J]
+            step = max(1, BLOCK // (len(Q) * len(cl)))  # images per logits block, so the block stays <= BLOCK
+            for j in range(0, len(phi), step):
+                K = k[j:j + step, :, cl].transpose(1, 2).reshape(-1, J)  # [n*|c|, J]
+                V = v[j:j + step, :, cl].transpose(1, 2).reshape(-1, C)  # [n*|c|, C]: the centre pixels
+                logits = logit(Q @ K.to(matmul_dtype).T, kn[j:j + step, cl].reshape(1, -1))
+                states[g] = softmax_update(states[g], logits, lambda e: e @ V)
+    out = torch.empty(B, C, H * W)
+    for (ql, _), (_, s, acc) in zip(groups, states):
+        out[:, :, ql] = (acc / s.unsqueeze(1)).reshape(B, len(ql), C).transpose(1, 2)
+    return out.reshape(B, C, H, W)
+
+
+class Machine:
+    """A machine as a velocity model for model.sample: v(x_t, t) = (x_t - x0_hat) / t. patch_size is an int or a
+    function t -> P (a calibrated schedule)."""
+    num_classes = 0
+
+    def __init__(self, machine, train, patch_size, chunk=256, matmul_dtype=torch.float32):
+        self.machine, self.train, self.patch_size, self.chunk, self.dtype = machine, train, patch_size, chunk, matmul_dtype
+        self.norms = {}  # P -> training patch norms, reused across steps
+
+    def __call__(self, x, t, y=None):
+        t = max(float(t.flatten()[0]), 1e-3)  # the last Euler step is taken from t = dt > 0
+        P = self.patch_size(t) if callable(self.patch_size) else self.patch_size
+        if self.machine != 'IS' and P not in self.norms:
+            self.norms[P] = patch_norms(self.train, P)
+        x0 = x0_hat(self.machine, x.float(), t, self.train, P, self.chunk, self.norms.get(P), self.dtype)
+        return (x - x0) / t
+
+
+def r2(pred, target):
+    """Pixel-wise r^2 of pred against target, per image: 1 - SSE / total variance of the target."""
+    sse = (pred - target).pow(2).flatten(1).sum(1)
+    tot = (target - target.flatten(1).mean(1).view(-1, 1, 1, 1)).pow(2).flatten(1).sum(1)
+    return 1 - sse / tot
+
+
+@torch.no_grad()
+def nearest(x, train, chunk=4096):
+    """The training image closest (L2) to each image of x, and the distance."""
+    best_d, best_i = torch.full((len(x),), float('inf')), torch.zeros(len(x), dtype=torch.long)
+    xf = x.flatten(1)
+    for i in range(0, len(train), chunk):
+        d = torch.cdist(xf, train[i:i + chunk].flatten(1))
+        m, j = d.min(1)
+        better = m < best_d
+        best_d, best_i = torch.where(better, m, best_d), torch.where(better, j + i, best_i)
+    return train[best_i], best_d
+
+
+if __name__ == '__main__':  # the experiment; importing this file gives only the machines above
+    from model import (die, load_dataset, load_flow_model, resize, sample, save_labelled_grid, time_grid,
+                       to_model_range)
+    # -------------------------------------------------------------------------
+    out_dir = 'out/ideal'
+    ckpt = 'out/flow_unet/ckpt.pt'  # the flow UNet of train_flow_unet.py
+    data_dir = 'data'
+    dataset = ''  # '' = the checkpoint's dataset
+    noise_file = ''  # a [1, C, H, W] tensor saved with torch.save: one more starting noise
+    num_noises = 5
+    num_train = 0  # training images the machines see (0 = all)
+    patch_size = 7  # odd
+    machines = 'IS,LS,ELS,bbELS'
+    steps = 20
+    solver = 'euler'
+    calibrate = False  # choose P per t against the UNet and save the schedule
+    calib_sizes = (3, 5, 7, 9, 11, 15)
+    patch_schedule = ''  # a patch_schedule.json from --calibrate: use its P per t instead of patch_size
+    chunk = 256  # training images per streamed chunk
+    matmul_dtype = 'float32'  # float32 | bfloat16 (the dot products; softmax and sums stay fp32)
+    seed = 0
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+    # -------------------------------------------------------------------------
+    names = machines.split(',')
+    for m in names:
+        if m not in MACHINES:
+            die(f"unknown machine {m!r}: choose from {', '.join(MACHINES)}")
+    if patch_size < 1 or patch_size % 2 == 0:
+        die(f'patch_size must be odd and positive, got {patch_size}')
+    if any(p < 1 or p % 2 == 0 for p in calib_sizes):
+        die(f'calib_sizes must be odd and positive, got {calib_sizes}')
+    if matmul_dtype not in ('float32', 'bfloat16'):
+        die(f"unknown matmul_dtype {matmul_dtype!r}: choose float32 or bfloat16")
+    mm_dtype = getattr(torch, matmul_dtype)
+    torch.set_grad_enabled(False)
+    try:
+        unet, checkpoint = load_flow_model(ckpt, 'cpu')
+    except ValueError as e:
+        die(e)
+    if unet.num_classes:
+        die(f'{ckpt} is class-conditional: the machines stand beside the unconditional UNet of train_flow_unet.py')
+    dataset = dataset or checkpoint.get('config', {}).get('dataset', 'mnist')
+    C, S = unet.in_channels, unet.input_size
+    try:
+        x_train, _ = load_dataset(dataset, data_dir, train=True, image_size=S, download=False)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        die(f'{e}: pass --data_dir=DIR with the real {dataset}')
+    if num_train:
+        x_train = x_train[torch.randperm(len(x_train), generator=torch.Generator().manual_seed(seed))[:num_train]]
+    train = resize(to_model_range(x_train), S).contiguous()
+    z = torch.randn(num_noises, C, S, S, generator=torch.Generator().manual_seed(seed))
+    if noise_file:
+        try:
+            extra = torch.load(noise_file, map_location='cpu', weights_only=True)
+        except Exception as e:
+            die(f'cannot read noise_file {noise_file} ({type(e).__name__}): save a [1, {C}, {S}, {S}] tensor with torch.save')
+        if not torch.is_tensor(extra) or tuple(extra.shape) != (1, C, S, S):
+            die(f'noise_file {noise_file} must hold a tensor of shape [1, {C}, {S}, {S}]')
+        z = torch.cat([z, extra.float()])
+    os.makedirs(out_dir, exist_ok=True)
+    print(f'{len(train)} training images of {dataset} at {C}x{S}x{S}, {len(z)} noises, {solver} {steps} steps, P {patch_size}')
+
+    schedule = None
+    if patch_schedule:
+        sched = json.load(open(patch_schedule))
+        ts_s, ps_s = torch.tensor(sched['t']), sched['P']
+        schedule = lambda t: ps_s[int((ts_s - t).abs().argmin())]
+    if calibrate:  # for each t of the grid: the P whose ELS x0_hat is closest (median r^2) to the UNet's on its own path
+        ts = time_grid(steps).tolist()
+        x, best = z.clone(), []
+        for t, t_next in zip(ts[:-1], ts[1:]):
+            v = unet(x, torch.full((len(x),), t))
+            x0_unet = x - t * v  # the UNet's own x0 estimate on its own path
+            scores = {P: r2(x0_hat('ELS', x, t, train, P, chunk, patch_norms(train, P), mm_dtype), x0_unet).median().item()
+                      for P in calib_sizes}
+            best.append(max(scores, key=scores.get))
+            print(f'calibrate t={t:.3f}: ' + ', '.join(f'P{P} r2 {s:.3f}' for P, s in scores.items()) + f' -> P {best[-1]}', flush=True)
+            x = x + (t_next - t) * v  # Euler along the UNet's path
+        ts = ts[:-1]
+        json.dump(dict(t=ts, P=best), open(os.path.join(out_dir, 'patch_schedule.json'), 'w'))
+        ts_s, ps_s = torch.tensor(ts), best
+        schedule = lambda t: ps_s[int((ts_s - t).abs().argmin())]
+
+    # every machine from the same noises, with the UNet's solver and grid
+    results = {'UNet': sample(unet, z, steps=steps, solver=solver)}
+    for m in names:
+        t0 = time.time()
+        results[m] = sample(Machine(m, train, schedule or patch_size, chunk, mm_dtype), z, steps=steps, solver=solver)
+        print(f'{m}: {time.time() - t0:.1f}s ({(time.time() - t0) / steps:.2f}s per step for {len(z)} noises)', flush=True)
+    near, dist = nearest(results['UNet'], train)
+    table = {}
+    for m in names:
+        table[m] = dict(r2=r2(results[m], results['UNet']).median().item(),
+                        mse=(results[m] - results['UNet']).pow(2).flatten(1).mean(1).median().item())
+    table['nearest training image'] = dict(r2=r2(near, results['UNet']).median().item(),
+                                           mse=(near - results['UNet']).pow(2).flatten(1).mean(1).median().item())
+    cols = ['noise', 'UNet', *names, 'nearest train']
+    rows = torch.stack([torch.stack([z[i].clamp(-1, 1), results['UNet'][i], *[results[m][i] for m in names], near[i]])
+                        for i in range(len(z))])
+    labels = [f'noise {i}' for i in range(num_noises)] + (['noise_file'] if noise_file else [])
+    save_labelled_grid(rows, os.path.join(out_dir, 'compare.png'), labels,
+                       f'{solver} {steps} steps, N={len(train)}, P={"calibrated" if schedule else patch_size}', cols)
+    json.dump(dict(ckpt=ckpt, num_train=len(train), patch_size=patch_size, calibrated=schedule is not None,
+                   steps=steps, solver=solver, num_noises=len(z), agreement_with_unet=table),
+              open(os.path.join(out_dir, 'compare.json'), 'w'), indent=1)
+    print(f'\nagreement with the UNet (median over {len(z)} noises)\n{"machine":>24} {"r2":>7} {"MSE":>7}')
+    for m, row in table.items():
+        print(f'{m:>24} {row["r2"]:7.3f} {row["mse"]:7.4f}')
+    print(f'wrote {out_dir}/compare.png, compare.json')

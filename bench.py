@@ -5,6 +5,7 @@ per network evaluation (NFE), and model FLOPs utilisation (MFU) against the matm
     python bench.py                         # every preset, every variant, one table
     python bench.py --presets=dit_mnist --iters=5
     python bench.py --curves=out/curve_float32,out/curve_bfloat16   # overlay two training runs
+    python bench.py --ideal        # seconds per sampling step of the ideal machines, N x patch size
 
 FLOPs are counted by torch.utils.flop_counter on one real forward + backward (every matmul,
 convolution and attention product, backward included), not guessed from parameter counts; always on
@@ -23,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from model import DiT_Llama, RectifiedFlow, UNet
 
 # -----------------------------------------------------------------------------
-presets = 'dit_mnist,dit_cifar10,unet_mnist'  # config/<name>.py for the DiT; unet_mnist = the course's UNet
+presets = 'dit_mnist,dit_cifar10,unet_mnist,unet_mnist_small'  # config/<name>.py for the DiT; unet_* the course's UNet
 batch_size = 0  # 0: the preset's batch for MNIST, 32 for CIFAR-10 (on a CPU a step of 256 takes over a minute)
 iters = 4  # timed iterations (after `warmup` untimed ones)
 warmup = 2
@@ -32,6 +33,12 @@ unet_variants = 'baseline,fp32_cl,bf16,bf16_cl,bf16_cl_compile'
 device = 'auto'
 out_json = 'bench.json'
 seed = 0
+data_dir = 'data'  # MNIST for --ideal
+ideal = False  # instead: one sampling step of each ideal machine (ideal_machines.py), batch 1, 32x32 MNIST-sized
+ideal_n = (1000, 10000, 60000)  # training images
+ideal_p = (3, 7, 11, 15)  # patch sizes
+ideal_machines = 'IS,LS,ELS,bbELS'
+ideal_dtype = 'float32'  # the dot products: float32 | bfloat16
 curves = ''  # 'out/a,out/b': instead of timing, overlay the loss curves of train_dit.py runs (e.g. fp32 vs bf16)
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
@@ -60,9 +67,10 @@ def matmul_peak(dtype, n=2048, reps=10):
 
 
 def preset_config(name):
-    if name == 'unet_mnist':  # the class-conditional UNet of train_class_cfg.py at its defaults
-        return dict(dataset='mnist', batch_size=128, unet=dict(in_channels=1, input_size=32, base_channels=32,
-                                                               channel_mult=(1, 2, 2), num_classes=10))
+    if name.startswith('unet_mnist'):  # the class-conditional UNet of train_class_cfg.py: defaults / the CPU runs
+        small = dict(base_channels=16, n_res=1) if name == 'unet_mnist_small' else dict(base_channels=32, n_res=2)
+        return dict(dataset='mnist', batch_size=128, unet=dict(in_channels=1, input_size=32, channel_mult=(1, 2, 2),
+                                                               num_classes=10, **small))
     cfg = {}
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config', f'{name}.py')).read(), {}, cfg)
     return cfg
@@ -153,8 +161,41 @@ def compare_curves(out_dirs, path='curves.png'):
     print(f'wrote {path}')
 
 
+def bench_ideal():
+    """Seconds for one x0_hat (= one Euler step) of each machine, batch 1 at 32x32, for N images and patch size P.
+    Patch norms are computed once per P outside the timing, as ideal_machines.py reuses them across steps."""
+    import ideal_machines as im
+    from model import die, load_dataset, resize, to_model_range
+    try:  # real digits: the blank background patches they share are part of the cost
+        x_mnist = resize(to_model_range(load_dataset('mnist', data_dir, train=True, download=False)[0]), 32)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        die(f'{e}: --ideal times the machines on real MNIST, pass --data_dir=DIR')
+    rows = []
+    print(f'{"machine":<7} {"N":>6} {"P":>3} {"s/step":>8}  ({ideal_dtype} dot products, {torch.get_num_threads()} threads)')
+    for n in ideal_n:
+        if len(x_mnist) < n:
+            print(f'only {len(x_mnist)} MNIST training images: skipping N={n}')
+            continue
+        train = x_mnist[:n]
+        xt = torch.randn(1, 1, 32, 32)
+        for P in ideal_p:
+            norms = im.patch_norms(train, P)
+            for m in ideal_machines.split(','):
+                if m == 'IS' and P != ideal_p[0]:
+                    continue  # IS has no patch
+                t0 = time.perf_counter()
+                im.x0_hat(m, xt, 0.5, train, P, norms=norms, matmul_dtype=getattr(torch, ideal_dtype))
+                rows.append(dict(machine=m, n=n, patch_size=P if m != 'IS' else None, sec_per_step=time.perf_counter() - t0))
+                print(f'{m:<7} {n:>6} {P if m != "IS" else "-":>3} {rows[-1]["sec_per_step"]:>8.2f}', flush=True)
+    with open(out_json, 'w') as f:
+        json.dump(dict(ideal=rows, dtype=ideal_dtype, threads=torch.get_num_threads()), f, indent=1)
+
+
 if curves:
     compare_curves(curves.split(','))
+    raise SystemExit
+if ideal:
+    bench_ideal()
     raise SystemExit
 torch.set_float32_matmul_precision('highest')
 peaks = {'float32': matmul_peak(torch.float32), 'bfloat16': matmul_peak(torch.bfloat16)}

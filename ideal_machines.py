@@ -37,24 +37,22 @@ def patch_norms(train, P):
     return (F.avg_pool2d(sq, P, stride=1, padding=P // 2, count_include_pad=True) * P * P).flatten(1)
 
 
-BLOCK = 2 ** 24  # the largest logits block (elements) ELS / bbELS form at once: 64 MB in fp32, whatever N is
+BLOCK = 2 ** 20  # the largest logits block ELS / bbELS form at once (4 MB in fp32, cache-sized), whatever N is
 peak = {'block': 0}  # the largest logits block formed so far (the tests check it does not grow with N)
 
 
 def softmax_update(state, logits, wsum):
-    """One chunk of an online softmax over dim 1 of logits: state (m, s, a) holds the running max m, the sum
-    s = sum exp(logit - m) and the weighted sum a = sum exp(logit - m) value; wsum(e) gives sum_j e_j value_j."""
+    """One block of an online softmax over dim 1 of logits. state (m, acc): the running max m and
+    acc = sum_j exp(logit_j - m) [1, value_j] (column 0 is the normaliser); wsum(e) gives sum_j e_j [1, value_j].
+    When a block raises the max to m', acc is rescaled by exp(m - m'). logits is overwritten."""
     peak['block'] = max(peak['block'], logits.numel())
-    m_chunk = logits.amax(1)
-    if state is None:
-        m, s, a = m_chunk, 0.0, 0.0
-    else:
-        m_old, s, a = state
-        m = torch.maximum(m_old, m_chunk)
-        scale = torch.exp(m_old - m)  # rescale what was summed under the old max
-        s, a = s * scale, a * scale.unsqueeze(1)
-    e = torch.exp(logits - m.unsqueeze(1))
-    return m, s + e.sum(1), a + wsum(e)
+    m = logits.amax(1)
+    if state is not None:
+        m_old, acc = state
+        m = torch.maximum(m_old, m)
+        acc = acc * torch.exp(m_old - m).unsqueeze(1)
+    e = logits.sub_(m.unsqueeze(1)).exp_()
+    return m, wsum(e) if state is None else acc + wsum(e)
 
 
 def groups_for(machine, H, W, P):
@@ -78,39 +76,56 @@ def x0_hat(machine, xt, t, train, P=7, chunk=256, norms=None, matmul_dtype=torch
     B, C, H, W = xt.shape
     a = 1.0 - t
     # logit = [2 (1 - t) q.k - (1 - t)^2 ||k||^2] / (2 t^2); ||q||^2 is the same for every candidate and drops out
-    logit = lambda dots, kn: (2 * a * dots.float() - a * a * kn) / (2 * t * t)
+    # logit = [2 (1 - t) q.k - (1 - t)^2 ||k||^2] / (2 t^2) = [q (1 - t) / t^2, -(1 - t)^2 / (2 t^2)] . [k, ||k||^2]:
+    # one matmul; ||q||^2 is the same for every candidate and drops out of the softmax
+    aug_q = lambda q, dim: torch.cat([q * (a / t ** 2), torch.full_like(q.narrow(dim, 0, 1), -a * a / (2 * t * t))], dim)
+    with_ones = lambda v, dim: torch.cat([torch.ones_like(v.narrow(dim, 0, 1)), v], dim)  # [1, value]: sums s too
     if machine in ('IS', 'LS'):  # softmax over images only, per location (IS: one location, the whole image)
-        q = xt.flatten(1).unsqueeze(-1) if machine == 'IS' else patches(xt, P)  # [B, J, L]
+        q = aug_q(xt.flatten(1).unsqueeze(-1) if machine == 'IS' else patches(xt, P), 1).to(matmul_dtype)  # [B, J+1, L]
         state = None
         for i in range(0, len(train), chunk):
             phi = train[i:i + chunk]
             k = phi.flatten(1).unsqueeze(-1) if machine == 'IS' else patches(phi, P)  # [n, J, L]
             kn = k.pow(2).sum(1) if machine == 'IS' or norms is None else norms[i:i + chunk]  # [n, L]
-            dots = torch.einsum('bjl,njl->bnl', q.to(matmul_dtype), k.to(matmul_dtype))
-            v = phi.flatten(1).unsqueeze(-1) if machine == 'IS' else phi.flatten(2)  # [n, V, L]: what is averaged
-            state = softmax_update(state, logit(dots, kn.unsqueeze(0)), lambda e: torch.einsum('bnl,nvl->bvl', e, v))
-        _, s, acc = state
-        return (acc / s.unsqueeze(1)).reshape(B, C, H, W)
-    # ELS / bbELS: softmax over (image, location) within each group of locations
+            k = torch.cat([k, kn.unsqueeze(1)], 1).to(matmul_dtype)
+            v = with_ones(phi.flatten(1).unsqueeze(-1) if machine == 'IS' else phi.flatten(2), 1)  # [n, 1+V, L]
+            logits = torch.einsum('bjl,njl->bnl', q, k).float()
+            state = softmax_update(state, logits, lambda e: torch.einsum('bnl,nvl->bvl', e, v))
+        acc = state[1]
+        return (acc[:, 1:] / acc[:, :1]).reshape(B, C, H, W)
+    # ELS / bbELS: softmax over (image, location) within each group of locations. Blank patches (background -1
+    # everywhere inside the image) repeat at each location in most images: each counts once, with its multiplicity.
     q = patches(xt, P)
     J = q.shape[1]
     groups = groups_for(machine, H, W, P)
+    Qs = [aug_q(q[:, :, ql].transpose(1, 2).reshape(-1, J), 1).to(matmul_dtype) for ql, _ in groups]  # [B*|q|, J+1]
     states = [None] * len(groups)
+    blank = patches(-torch.ones(1, C, H, W), P)[0]  # [J, L]: the blank patch at every location
+    blank_count = torch.zeros(H * W)
     for i in range(0, len(train), chunk):
         phi = train[i:i + chunk]
-        k, v = patches(phi, P), phi.flatten(2)
+        k = patches(phi, P)
+        is_blank = ((k - blank).abs() < 1e-6).all(1)  # [n, L]
+        blank_count += is_blank.sum(0)
         kn = norms[i:i + chunk] if norms is not None else k.pow(2).sum(1)
+        k = torch.cat([k, kn.unsqueeze(1)], 1).to(matmul_dtype)  # [n, J+1, L]
+        v = with_ones(phi.flatten(2), 1)  # [n, 1+C, L]: the centre pixels
         for g, (ql, cl) in enumerate(groups):
-            Q = q[:, :, ql].transpose(1, 2).reshape(-1, J).to(matmul_dtype)  # [B*|q|, J]
-            step = max(1, BLOCK // (len(Q) * len(cl)))  # images per logits block, so the block stays <= BLOCK
-            for j in range(0, len(phi), step):
-                K = k[j:j + step, :, cl].transpose(1, 2).reshape(-1, J)  # [n*|c|, J]
-                V = v[j:j + step, :, cl].transpose(1, 2).reshape(-1, C)  # [n*|c|, C]: the centre pixels
-                logits = logit(Q @ K.to(matmul_dtype).T, kn[j:j + step, cl].reshape(1, -1))
-                states[g] = softmax_update(states[g], logits, lambda e: e @ V)
+            keep = ~is_blank[:, cl]
+            K = k[:, :, cl].transpose(1, 2)[keep]  # [M, J+1]: the non-blank candidates of this group
+            V = v[:, :, cl].transpose(1, 2)[keep]  # [M, 1+C]
+            step = max(1, BLOCK // len(Qs[g]))  # candidates per logits block, so the block stays <= BLOCK
+            for j in range(0, len(K), step):
+                states[g] = softmax_update(states[g], (Qs[g] @ K[j:j + step].T).float(), lambda e: e @ V[j:j + step])
     out = torch.empty(B, C, H * W)
-    for (ql, _), (_, s, acc) in zip(groups, states):
-        out[:, :, ql] = (acc / s.unsqueeze(1)).reshape(B, len(ql), C).transpose(1, 2)
+    for g, (ql, cl) in enumerate(groups):
+        cl = cl[blank_count[cl] > 0]
+        if len(cl):  # the blank candidates: logit + log(count), value -1
+            Kb = torch.cat([blank[:, cl].T, blank[:, cl].T.pow(2).sum(1, keepdim=True)], 1).to(matmul_dtype)
+            logits = (Qs[g] @ Kb.T).float() + blank_count[cl].log()
+            states[g] = softmax_update(states[g], logits, lambda e: e @ with_ones(-torch.ones(len(cl), C), 1))
+        acc = states[g][1]
+        out[:, :, ql] = (acc[:, 1:] / acc[:, :1]).reshape(B, len(ql), C).transpose(1, 2)
     return out.reshape(B, C, H, W)
 
 

@@ -41,8 +41,14 @@ def direct_x0(machine, xt, t, train, P):
 
 
 def digits(n, size=8, seed=0):
+    """MNIST-like: background exactly -1 (so blank patches repeat), a random blob of strokes in a sub-square."""
     g = torch.Generator().manual_seed(seed)
-    return (torch.rand(n, 1, size, size, generator=g) * 2 - 1).clamp(-1, 1)
+    x = -torch.ones(n, 1, size, size)
+    for i in range(n):
+        h = int(torch.randint(2, size // 2 + 1, (1,), generator=g))
+        r, c = (int(v) for v in torch.randint(0, size - h + 1, (2,), generator=g))
+        x[i, :, r:r + h, c:c + h] = torch.rand(1, h, h, generator=g) * 2 - 1
+    return x
 
 
 @pytest.mark.parametrize('machine', im.MACHINES)

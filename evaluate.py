@@ -70,7 +70,7 @@ def parse_runs():
     for r in runs.split(','):
         parts = r.split(':')
         try:
-            s, n, g = parts[0], int(parts[1]), float(parts[2]) if len(parts) > 2 else cfg
+            s, n, g = parts[0], int(parts[1]), float(parts[2]) if len(parts) > 2 else None
         except (IndexError, ValueError):
             die(f"bad run {r!r} in --runs: write solver:steps:cfg, e.g. heun:10:2")
         out.append((s, n, g))
@@ -78,6 +78,8 @@ def parse_runs():
 
 
 settings = parse_runs()
+cfg_given = any(a.startswith('--cfg=') for a in sys.argv[1:]) or any(g is not None for _, _, g in settings)
+settings = [(s, n, cfg if g is None else g) for s, n, g in settings]
 for s, n, _ in settings:
     if s not in NFE_PER_STEP:
         die(f"unknown solver {s!r}: choose one of {', '.join(NFE_PER_STEP)}")
@@ -107,9 +109,8 @@ else:
         die(e)
     dataset = dataset or checkpoint.get('config', {}).get('dataset', 'mnist')
     num_classes = model.num_classes
-    if not num_classes and (runs or any(a.startswith('--cfg=') for a in sys.argv[1:])) and \
-            any(g != 1.0 for _, _, g in settings):
-        die(f'{ckpt_path} is an unconditional model: guidance needs classes, drop --cfg (or use cfg 1 in --runs)')
+    if not num_classes and cfg_given:
+        die(f'{ckpt_path} is an unconditional model: guidance needs classes, drop --cfg (and the cfg in --runs)')
     del checkpoint
 
 

@@ -105,3 +105,15 @@ def test_inception_fid_from_a_local_weights_file(cfg_run, mnist_dir, classifier,
         f'--inception_stats={tmp_path / "stats.npz"}', f'--out_json={js}')
     fid = json.load(open(js))['rows'][0]['fid_inception']
     assert fid is not None and fid >= 0 and os.path.isfile(tmp_path / 'stats.npz')
+
+
+def test_evaluate_unconditional_model(flow_run, mnist_dir, classifier, tmp_path):
+    js = str(tmp_path / 'u.json')
+    run('evaluate.py', f'--out_dir={flow_run[0]}', f'--data_dir={mnist_dir}', f'--classifier_path={classifier}',
+        '--classifier_epochs=40', '--num_samples=8', '--runs=euler:2,midpoint:1', '--inception=off', f'--out_json={js}')
+    rows = json.load(open(js))['rows']
+    assert [(r['nfe'], r['cfg'], r['acc']) for r in rows] == [(2, None, None), (2, None, None)]
+    assert all(r['fid_cls'] > 0 for r in rows)
+    p = run('evaluate.py', f'--out_dir={flow_run[0]}', f'--data_dir={mnist_dir}', f'--classifier_path={classifier}',
+            '--cfg=2', check=False)
+    assert p.returncode != 0 and 'unconditional model' in p.stderr

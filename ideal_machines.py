@@ -134,9 +134,10 @@ class Machine:
     function t -> P (a calibrated schedule)."""
     num_classes = 0
 
-    def __init__(self, machine, train, patch_size, chunk=256, matmul_dtype=torch.float32):
+    def __init__(self, machine, train, patch_size, chunk=256, matmul_dtype=torch.float32, calls=0):
         self.machine, self.train, self.patch_size, self.chunk, self.dtype = machine, train, patch_size, chunk, matmul_dtype
         self.norms = {}  # P -> training patch norms, reused across steps
+        self.calls, self.done, self.t_start = calls, 0, time.time()  # calls > 0: a progress line per evaluation
 
     def __call__(self, x, t, y=None):
         t = max(float(t.flatten()[0]), 1e-3)  # the last Euler step is taken from t = dt > 0
@@ -144,6 +145,11 @@ class Machine:
         if self.machine != 'IS' and P not in self.norms:
             self.norms[P] = patch_norms(self.train, P)
         x0 = x0_hat(self.machine, x.float(), t, self.train, P, self.chunk, self.norms.get(P), self.dtype)
+        self.done += 1
+        if self.calls:
+            el = time.time() - self.t_start
+            print(f'  {self.machine} {self.done}/{self.calls} t={t:.3f} P={P} | {el / self.done:.1f}s per evaluation | '
+                  f'ETA {(self.calls - self.done) * el / self.done:.0f}s', flush=True)
         return (x - x0) / t
 
 
@@ -168,7 +174,7 @@ def nearest(x, train, chunk=4096):
 
 
 if __name__ == '__main__':  # the experiment; importing this file gives only the machines above
-    from model import (die, load_dataset, load_flow_model, resize, sample, save_labelled_grid, time_grid,
+    from model import (NFE_PER_STEP, die, load_dataset, load_flow_model, resize, sample, save_labelled_grid, time_grid,
                        to_model_range)
     # -------------------------------------------------------------------------
     out_dir = 'out/ideal'
@@ -186,7 +192,7 @@ if __name__ == '__main__':  # the experiment; importing this file gives only the
     calib_sizes = (3, 5, 7, 9, 11, 15)
     patch_schedule = ''  # a patch_schedule.json from --calibrate: use its P per t instead of patch_size
     chunk = 256  # training images per streamed chunk
-    matmul_dtype = 'float32'  # float32 | bfloat16 (the dot products; softmax and sums stay fp32)
+    matmul_dtype = 'float32'  # float32 | bfloat16 (faster dot products, but on a CPU the logits come out in bf16: coarse at small t)
     seed = 0
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
     # -------------------------------------------------------------------------
@@ -198,6 +204,10 @@ if __name__ == '__main__':  # the experiment; importing this file gives only the
         die(f'patch_size must be odd and positive, got {patch_size}')
     if any(p < 1 or p % 2 == 0 for p in calib_sizes):
         die(f'calib_sizes must be odd and positive, got {calib_sizes}')
+    if solver not in NFE_PER_STEP:
+        die(f"unknown solver {solver!r}: choose one of {', '.join(NFE_PER_STEP)}")
+    if steps < 1 or num_noises < 0 or num_train < 0:
+        die(f'steps must be >= 1 and num_noises, num_train >= 0 (got {steps}, {num_noises}, {num_train})')
     if matmul_dtype not in ('float32', 'bfloat16'):
         die(f"unknown matmul_dtype {matmul_dtype!r}: choose float32 or bfloat16")
     mm_dtype = getattr(torch, matmul_dtype)
@@ -254,7 +264,8 @@ if __name__ == '__main__':  # the experiment; importing this file gives only the
     results = {'UNet': sample(unet, z, steps=steps, solver=solver)}
     for m in names:
         t0 = time.time()
-        results[m] = sample(Machine(m, train, schedule or patch_size, chunk, mm_dtype), z, steps=steps, solver=solver)
+        machine = Machine(m, train, schedule or patch_size, chunk, mm_dtype, calls=steps * NFE_PER_STEP[solver])
+        results[m] = sample(machine, z, steps=steps, solver=solver)
         print(f'{m}: {time.time() - t0:.1f}s ({(time.time() - t0) / steps:.2f}s per step for {len(z)} noises)', flush=True)
     near, dist = nearest(results['UNet'], train)
     table = {}

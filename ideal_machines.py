@@ -153,6 +153,12 @@ class Machine:
         return (x - x0) / t
 
 
+def nearest_t_schedule(ts, ps):
+    """A patch-size schedule t -> P from calibrated pairs: the P of the nearest calibrated t."""
+    ts = torch.tensor(ts)
+    return lambda t: ps[int((ts - t).abs().argmin())]
+
+
 def r2(pred, target):
     """Pixel-wise r^2 of pred against target, per image: 1 - SSE / total variance of the target."""
     sse = (pred - target).pow(2).flatten(1).sum(1)
@@ -242,8 +248,7 @@ if __name__ == '__main__':  # the experiment; importing this file gives only the
     schedule = None
     if patch_schedule:
         sched = json.load(open(patch_schedule))
-        ts_s, ps_s = torch.tensor(sched['t']), sched['P']
-        schedule = lambda t: ps_s[int((ts_s - t).abs().argmin())]
+        schedule = nearest_t_schedule(sched['t'], sched['P'])
     if calibrate:  # for each t of the grid: the P whose ELS x0_hat is closest (median r^2) to the UNet's on its own path
         ts = time_grid(steps).tolist()
         x, best = z.clone(), []
@@ -257,8 +262,7 @@ if __name__ == '__main__':  # the experiment; importing this file gives only the
             x = x + (t_next - t) * v  # Euler along the UNet's path
         ts = ts[:-1]
         json.dump(dict(t=ts, P=best), open(os.path.join(out_dir, 'patch_schedule.json'), 'w'))
-        ts_s, ps_s = torch.tensor(ts), best
-        schedule = lambda t: ps_s[int((ts_s - t).abs().argmin())]
+        schedule = nearest_t_schedule(ts, best)
 
     # every machine from the same noises, with the UNet's solver and grid
     results = {'UNet': sample(unet, z, steps=steps, solver=solver)}

@@ -39,20 +39,23 @@ def patch_norms(train, P):
 
 BLOCK = 2 ** 20  # the largest logits block ELS / bbELS form at once (4 MB in fp32, cache-sized), whatever N is
 peak = {'block': 0}  # the largest logits block formed so far (the tests check it does not grow with N)
+LOG2E = 1.4426950408889634  # logits are kept in base 2: exp2 is ~2x faster than exp on a CPU
 
 
-def softmax_update(state, logits, wsum):
-    """One block of an online softmax over dim 1 of logits. state (m, acc): the running max m and
-    acc = sum_j exp(logit_j - m) [1, value_j] (column 0 is the normaliser); wsum(e) gives sum_j e_j [1, value_j].
-    When a block raises the max to m', acc is rescaled by exp(m - m'). logits is overwritten."""
+def softmax_update(state, logits, V):
+    """One block of an online softmax over the last dim of logits [..., Q, M] (base-2 logits) with values V [..., M, C].
+    state (m, acc): the running max m [..., Q] and acc = sum_j 2^(logit_j - m) [1, V_j] [..., Q, 1 + C] (column 0 is
+    the normaliser). A block that raises the max to m' rescales acc by 2^(m - m'). logits is overwritten."""
     peak['block'] = max(peak['block'], logits.numel())
-    m = logits.amax(1)
-    if state is not None:
-        m_old, acc = state
-        m = torch.maximum(m_old, m)
-        acc = acc * torch.exp(m_old - m).unsqueeze(1)
-    e = logits.sub_(m.unsqueeze(1)).exp_()
-    return m, wsum(e) if state is None else acc + wsum(e)
+    m_old, acc = state
+    m = torch.maximum(m_old, logits.amax(-1))
+    e = logits.sub_(m.unsqueeze(-1)).exp2_()
+    return m, acc * torch.exp2(m_old - m).unsqueeze(-1) + torch.cat([e.sum(-1, keepdim=True), e @ V], -1)
+
+
+def empty_state(*shape, C):
+    """The online softmax before any block: max -inf, nothing accumulated."""
+    return torch.full(shape, -float('inf')), torch.zeros(*shape, 1 + C)
 
 
 def groups_for(machine, H, W, P):
@@ -75,55 +78,59 @@ def x0_hat(machine, xt, t, train, P=7, chunk=256, norms=None, matmul_dtype=torch
     """The machine's estimate of x0 for x_t [B, C, H, W] at time t (0 < t <= 1) from train [N, C, H, W]."""
     B, C, H, W = xt.shape
     a = 1.0 - t
-    # logit = [2 (1 - t) q.k - (1 - t)^2 ||k||^2] / (2 t^2); ||q||^2 is the same for every candidate and drops out
-    # logit = [2 (1 - t) q.k - (1 - t)^2 ||k||^2] / (2 t^2) = [q (1 - t) / t^2, -(1 - t)^2 / (2 t^2)] . [k, ||k||^2]:
-    # one matmul; ||q||^2 is the same for every candidate and drops out of the softmax
-    aug_q = lambda q, dim: torch.cat([q * (a / t ** 2), torch.full_like(q.narrow(dim, 0, 1), -a * a / (2 * t * t))], dim)
-    with_ones = lambda v, dim: torch.cat([torch.ones_like(v.narrow(dim, 0, 1)), v], dim)  # [1, value]: sums s too
+    # logit = -||q - a k||^2 / (2 t^2) = [2 a q.k - a^2 ||k||^2] / (2 t^2) + const(q) = [q a / t^2, -a^2 / (2 t^2)] . [k, ||k||^2]:
+    # one matmul per block, scaled by log2(e) for base-2 logits; ||q||^2 is the same for every candidate and drops out
+    aug_q = lambda q, dim: LOG2E * torch.cat([q * (a / t ** 2), torch.full_like(q.narrow(dim, 0, 1), -a * a / (2 * t * t))], dim)
     if machine in ('IS', 'LS'):  # softmax over images only, per location (IS: one location, the whole image)
         q = aug_q(xt.flatten(1).unsqueeze(-1) if machine == 'IS' else patches(xt, P), 1).to(matmul_dtype)  # [B, J+1, L]
-        state = None
+        L = q.shape[-1]
+        state = empty_state(L, B, C=C * H * W if machine == 'IS' else C)
         for i in range(0, len(train), chunk):
             phi = train[i:i + chunk]
             k = phi.flatten(1).unsqueeze(-1) if machine == 'IS' else patches(phi, P)  # [n, J, L]
             kn = k.pow(2).sum(1) if machine == 'IS' or norms is None else norms[i:i + chunk]  # [n, L]
             k = torch.cat([k, kn.unsqueeze(1)], 1).to(matmul_dtype)
-            v = with_ones(phi.flatten(1).unsqueeze(-1) if machine == 'IS' else phi.flatten(2), 1)  # [n, 1+V, L]
-            logits = torch.einsum('bjl,njl->bnl', q, k).float()
-            state = softmax_update(state, logits, lambda e: torch.einsum('bnl,nvl->bvl', e, v))
-        acc = state[1]
-        return (acc[:, 1:] / acc[:, :1]).reshape(B, C, H, W)
+            V = phi.flatten(1)[None] if machine == 'IS' else phi.flatten(2).permute(2, 0, 1)  # [L, n, C] (IS: [1, n, CHW])
+            state = softmax_update(state, torch.einsum('bjl,njl->lbn', q, k).float(), V)
+        acc = state[1]  # [L, B, 1 + C]
+        x0 = acc[..., 1:] / acc[..., :1]
+        return x0[0].reshape(B, C, H, W) if machine == 'IS' else x0.permute(1, 2, 0).reshape(B, C, H, W)
     # ELS / bbELS: softmax over (image, location) within each group of locations. Blank patches (background -1
     # everywhere inside the image) repeat at each location in most images: each counts once, with its multiplicity.
     q = patches(xt, P)
-    J = q.shape[1]
+    J, r = q.shape[1], P // 2
     groups = groups_for(machine, H, W, P)
     Qs = [aug_q(q[:, :, ql].transpose(1, 2).reshape(-1, J), 1).to(matmul_dtype) for ql, _ in groups]  # [B*|q|, J+1]
-    states = [None] * len(groups)
+    states = [empty_state(len(Q), C=C) for Q in Qs]
     blank = patches(-torch.ones(1, C, H, W), P)[0]  # [J, L]: the blank patch at every location
     blank_count = torch.zeros(H * W)
     for i in range(0, len(train), chunk):
         phi = train[i:i + chunk]
-        k = patches(phi, P)
-        is_blank = ((k - blank).abs() < 1e-6).all(1)  # [n, L]
+        # a patch is blank when sum |phi + 1| over it is 0 (a box filter, much cheaper than comparing patches)
+        is_blank = (F.avg_pool2d((phi + 1).abs().sum(1, keepdim=True), P, 1, r) < 1e-7).flatten(1)  # [n, L]
         blank_count += is_blank.sum(0)
-        kn = norms[i:i + chunk] if norms is not None else k.pow(2).sum(1)
-        k = torch.cat([k, kn.unsqueeze(1)], 1).to(matmul_dtype)  # [n, J+1, L]
-        v = with_ones(phi.flatten(2), 1)  # [n, 1+C, L]: the centre pixels
+        kn = norms[i:i + chunk] if norms is not None else patches(phi, P).pow(2).sum(1)  # [n, L]
+        # every patch as a view [n, H, W, C, P, P] of the zero-padded chunk: the non-blank ones are gathered once
+        all_k = F.pad(phi, (r, r, r, r)).unfold(2, P, 1).unfold(3, P, 1).permute(0, 2, 3, 1, 4, 5)
         for g, (ql, cl) in enumerate(groups):
-            keep = ~is_blank[:, cl]
-            K = k[:, :, cl].transpose(1, 2)[keep]  # [M, J+1]: the non-blank candidates of this group
-            V = v[:, :, cl].transpose(1, 2)[keep]  # [M, 1+C]
+            keep = torch.zeros_like(is_blank)
+            keep[:, cl] = ~is_blank[:, cl]
+            K = all_k[keep.view(-1, H, W)].reshape(-1, J)  # [M, J]: the non-blank candidates of this group
+            K = torch.cat([K, kn[keep].unsqueeze(1)], 1).to(matmul_dtype)  # [M, J+1]
+            V = phi.flatten(2).transpose(1, 2)[keep]  # [M, C]: their centre pixels
             step = max(1, BLOCK // len(Qs[g]))  # candidates per logits block, so the block stays <= BLOCK
+            buf = torch.empty(len(Qs[g]) * step, dtype=matmul_dtype)  # the logits block, written in place each time
             for j in range(0, len(K), step):
-                states[g] = softmax_update(states[g], (Qs[g] @ K[j:j + step].T).float(), lambda e: e @ V[j:j + step])
+                n = min(step, len(K) - j)
+                logits = torch.mm(Qs[g], K[j:j + n].T, out=buf[:len(Qs[g]) * n].view(len(Qs[g]), n))
+                states[g] = softmax_update(states[g], logits.float(), V[j:j + n])
     out = torch.empty(B, C, H * W)
     for g, (ql, cl) in enumerate(groups):
         cl = cl[blank_count[cl] > 0]
-        if len(cl):  # the blank candidates: logit + log(count), value -1
+        if len(cl):  # the blank candidates: logit + log2(count), value -1
             Kb = torch.cat([blank[:, cl].T, blank[:, cl].T.pow(2).sum(1, keepdim=True)], 1).to(matmul_dtype)
-            logits = (Qs[g] @ Kb.T).float() + blank_count[cl].log()
-            states[g] = softmax_update(states[g], logits, lambda e: e @ with_ones(-torch.ones(len(cl), C), 1))
+            logits = (Qs[g] @ Kb.T).float() + blank_count[cl].log2()
+            states[g] = softmax_update(states[g], logits, -torch.ones(len(cl), C))
         acc = states[g][1]
         out[:, :, ql] = (acc[:, 1:] / acc[:, :1]).reshape(B, len(ql), C).transpose(1, 2)
     return out.reshape(B, C, H, W)
@@ -252,15 +259,20 @@ if __name__ == '__main__':  # the experiment; importing this file gives only the
     if calibrate:  # for each t of the grid: the P whose ELS x0_hat is closest (median r^2) to the UNet's on its own path
         ts = time_grid(steps).tolist()
         x, best = z.clone(), []
+        calib_ts = []
         for t, t_next in zip(ts[:-1], ts[1:]):
             v = unet(x, torch.full((len(x),), t))
-            x0_unet = x - t * v  # the UNet's own x0 estimate on its own path
-            scores = {P: r2(x0_hat('ELS', x, t, train, P, chunk, patch_norms(train, P), mm_dtype), x0_unet).median().item()
-                      for P in calib_sizes}
-            best.append(max(scores, key=scores.get))
-            print(f'calibrate t={t:.3f}: ' + ', '.join(f'P{P} r2 {s:.3f}' for P, s in scores.items()) + f' -> P {best[-1]}', flush=True)
+            if t < 1:  # at t = 1 every P gives the same x0_hat (the mean pixel): it takes the P of the next t
+                x0_unet = x - t * v  # the UNet's own x0 estimate on its own path
+                t0 = time.time()
+                scores = {P: r2(x0_hat('ELS', x, t, train, P, chunk, patch_norms(train, P), mm_dtype), x0_unet).median().item()
+                          for P in calib_sizes}
+                calib_ts.append(t)
+                best.append(max(scores, key=scores.get))
+                print(f'calibrate t={t:.3f}: ' + ', '.join(f'P{P} r2 {s:.3f}' for P, s in scores.items()) +
+                      f' -> P {best[-1]} ({time.time() - t0:.0f}s)', flush=True)
             x = x + (t_next - t) * v  # Euler along the UNet's path
-        ts = ts[:-1]
+        ts = calib_ts
         json.dump(dict(t=ts, P=best), open(os.path.join(out_dir, 'patch_schedule.json'), 'w'))
         schedule = nearest_t_schedule(ts, best)
 

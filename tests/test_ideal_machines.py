@@ -112,14 +112,14 @@ def test_compare_script_writes_figure_and_json(flow_run, mnist_dir, tmp_path):
     torch.save(torch.randn(1, 1, 32, 32), noise)
     out = str(tmp_path / 'ideal')
     p = run('ideal_machines.py', f'--ckpt={ckpt}', f'--data_dir={mnist_dir}', f'--out_dir={out}', '--num_train=24',
-            '--num_noises=2', f'--noise_file={noise}', '--steps=2', '--patch_size=3', '--calibrate', '--calib_sizes=(3,5)')
+            '--num_noises=2', f'--noise_file={noise}', '--steps=3', '--patch_size=3', '--calibrate', '--calib_sizes=(3,5)')
     r = json.load(open(os.path.join(out, 'compare.json')))
     assert r['num_noises'] == 3 and r['num_train'] == 24 and r['calibrated']
     assert set(r['agreement_with_unet']) == {'IS', 'LS', 'ELS', 'bbELS', 'nearest training image'}
     for row in r['agreement_with_unet'].values():
         assert row['r2'] <= 1 and row['mse'] >= 0
     sched = json.load(open(os.path.join(out, 'patch_schedule.json')))
-    assert len(sched['t']) == 2 and set(sched['P']) <= {3, 5}
+    assert sched['t'] == pytest.approx([2 / 3, 1 / 3]) and set(sched['P']) <= {3, 5}  # t = 1 is not calibrated: every P ties
     w, h = Image.open(os.path.join(out, 'compare.png')).size
     assert w > h > 100  # 3 rows x 7 columns
     assert 'ELS' in p.stdout

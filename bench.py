@@ -177,7 +177,7 @@ def bench_ideal():
             print(f'only {len(x_mnist)} MNIST training images: skipping N={n}')
             continue
         train = x_mnist[:n]
-        xt = torch.randn(1, 1, 32, 32)
+        xt = 0.5 * x_mnist[-1:] + 0.5 * torch.randn(1, 1, 32, 32)  # a digit noised to t = 0.5
         for P in ideal_p:
             norms = im.patch_norms(train, P)
             for m in ideal_machines.split(','):

@@ -78,22 +78,23 @@ def x0_hat(machine, xt, t, train, P=7, chunk=256, norms=None, matmul_dtype=torch
     """The machine's estimate of x0 for x_t [B, C, H, W] at time t (0 < t <= 1) from train [N, C, H, W]."""
     B, C, H, W = xt.shape
     a = 1.0 - t
-    # logit = -||q - a k||^2 / (2 t^2) = [2 a q.k - a^2 ||k||^2] / (2 t^2) + const(q) = [q a / t^2, -a^2 / (2 t^2)] . [k, ||k||^2]:
-    # one matmul per block, scaled by log2(e) for base-2 logits; ||q||^2 is the same for every candidate and drops out
+    # logit = -||q - a k||^2 / (2 t^2) = [2 a q.k - a^2 ||k||^2] / (2 t^2) + const(q)
+    #       = [q a / t^2, -a^2 / (2 t^2)] . [k, ||k||^2]: one matmul per block (times log2(e): base-2 logits);
+    # ||q||^2 is the same for every candidate and drops out of the softmax
     aug_q = lambda q, dim: LOG2E * torch.cat([q * (a / t ** 2), torch.full_like(q.narrow(dim, 0, 1), -a * a / (2 * t * t))], dim)
     if machine in ('IS', 'LS'):  # softmax over images only, per location (IS: one location, the whole image)
-        q = aug_q(xt.flatten(1).unsqueeze(-1) if machine == 'IS' else patches(xt, P), 1).to(matmul_dtype)  # [B, J+1, L]
-        L = q.shape[-1]
+        L = 1 if machine == 'IS' else H * W
         state = empty_state(L, B, C=C * H * W if machine == 'IS' else C)
         for i in range(0, len(train), chunk):
             phi = train[i:i + chunk]
-            k = phi.flatten(1).unsqueeze(-1) if machine == 'IS' else patches(phi, P)  # [n, J, L]
-            kn = k.pow(2).sum(1) if machine == 'IS' or norms is None else norms[i:i + chunk]  # [n, L]
-            k = torch.cat([k, kn.unsqueeze(1)], 1).to(matmul_dtype)
+            d2 = (xt[:, None] - a * phi[None]).pow(2).sum(2)  # [B, n, H, W]: the squared distance per pixel
+            if machine == 'IS':
+                d2 = d2.flatten(2).sum(2, keepdim=True)  # [B, n, 1]
+            else:  # ||q - a k||^2 of the P x P patches at the same place: a box filter (zero padding for both)
+                d2 = (F.avg_pool2d(d2, P, 1, P // 2, count_include_pad=True) * (P * P)).flatten(2)  # [B, n, L]
             V = phi.flatten(1)[None] if machine == 'IS' else phi.flatten(2).permute(2, 0, 1)  # [L, n, C] (IS: [1, n, CHW])
-            state = softmax_update(state, torch.einsum('bjl,njl->lbn', q, k).float(), V)
-        acc = state[1]  # [L, B, 1 + C]
-        x0 = acc[..., 1:] / acc[..., :1]
+            state = softmax_update(state, d2.permute(2, 0, 1) * (-LOG2E / (2 * t * t)), V)
+        x0 = state[1][..., 1:] / state[1][..., :1]  # [L, B, C] (IS: [1, B, CHW])
         return x0[0].reshape(B, C, H, W) if machine == 'IS' else x0.permute(1, 2, 0).reshape(B, C, H, W)
     # ELS / bbELS: softmax over (image, location) within each group of locations. Blank patches (background -1
     # everywhere inside the image) repeat at each location in most images: each counts once, with its multiplicity.

@@ -165,11 +165,10 @@ def bench_ideal():
     """Seconds for one x0_hat (= one Euler step) of each machine, batch 1 at 32x32, for N images and patch size P.
     Patch norms are computed once per P outside the timing, as ideal_machines.py reuses them across steps."""
     import ideal_machines as im
-    from model import die, load_dataset, resize, to_model_range
-    try:  # real digits: the blank background patches they share are part of the cost
-        x_mnist = resize(to_model_range(load_dataset('mnist', data_dir, train=True, download=False)[0]), 32)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        die(f'{e}: --ideal times the machines on real MNIST, pass --data_dir=DIR')
+    from model import load_or_die, resize, to_model_range
+    # real digits: the blank background patches they share are part of the cost
+    x_mnist = load_or_die('mnist', data_dir, hint=': --ideal times the machines on real MNIST, pass --data_dir=DIR')[0]
+    x_mnist = resize(to_model_range(x_mnist), 32)
     rows = []
     print(f'{"machine":<7} {"N":>6} {"P":>3} {"s/step":>8}  ({ideal_dtype} dot products, {torch.get_num_threads()} threads)')
     for n in ideal_n:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import (NFE_PER_STEP, MnistClassifier, cosine_lr, die, feature_stats, frechet_distance, load_dataset,
+from model import (NFE_PER_STEP, MnistClassifier, cosine_lr, die, feature_stats, frechet_distance, load_or_die,
                    load_flow_model, resize, sample, to_model_range, to_uint8)
 
 # -----------------------------------------------------------------------------
@@ -115,11 +115,7 @@ else:
 
 
 def load_real(train):
-    try:
-        x, y = load_dataset(dataset, data_dir, train=train, image_size=32, download=False)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        die(f'{e}: evaluate.py needs the real {dataset} data, pass --data_dir=DIR')
-    return x, y
+    return load_or_die(dataset, data_dir, train, hint=f': evaluate.py needs the real {dataset} data, pass --data_dir=DIR')
 
 
 @torch.no_grad()

@@ -75,13 +75,10 @@ def groups_for(machine, H, W, P):
 
 @torch.no_grad()
 def x0_hat(machine, xt, t, train, P=7, chunk=256, norms=None, matmul_dtype=torch.float32):
-    """The machine's estimate of x0 for x_t [B, C, H, W] at time t (0 < t <= 1) from train [N, C, H, W]."""
+    """The machine's estimate of x0 for x_t [B, C, H, W] at time t (0 < t <= 1) from train [N, C, H, W]. norms:
+    patch_norms(train, P), kept across calls by the caller (ELS and bbELS only; None = per chunk)."""
     B, C, H, W = xt.shape
     a = 1.0 - t
-    # logit = -||q - a k||^2 / (2 t^2) = [2 a q.k - a^2 ||k||^2] / (2 t^2) + const(q)
-    #       = [q a / t^2, -a^2 / (2 t^2)] . [k, ||k||^2]: one matmul per block (times log2(e): base-2 logits);
-    # ||q||^2 is the same for every candidate and drops out of the softmax
-    aug_q = lambda q, dim: LOG2E * torch.cat([q * (a / t ** 2), torch.full_like(q.narrow(dim, 0, 1), -a * a / (2 * t * t))], dim)
     if machine in ('IS', 'LS'):  # softmax over images only, per location (IS: one location, the whole image)
         L = 1 if machine == 'IS' else H * W
         state = empty_state(L, B, C=C * H * W if machine == 'IS' else C)
@@ -98,10 +95,14 @@ def x0_hat(machine, xt, t, train, P=7, chunk=256, norms=None, matmul_dtype=torch
         return x0[0].reshape(B, C, H, W) if machine == 'IS' else x0.permute(1, 2, 0).reshape(B, C, H, W)
     # ELS / bbELS: softmax over (image, location) within each group of locations. Blank patches (background -1
     # everywhere inside the image) repeat at each location in most images: each counts once, with its multiplicity.
+    # logit = -||q - a k||^2 / (2 t^2) = [2 a q.k - a^2 ||k||^2] / (2 t^2) + const(q)
+    #       = [q a / t^2, -a^2 / (2 t^2)] . [k, ||k||^2]: one matmul per block (times log2(e): base-2 logits);
+    # ||q||^2 is the same for every candidate and drops out of the softmax
+    aug_q = lambda q: LOG2E * torch.cat([q * (a / t ** 2), torch.full((len(q), 1), -a * a / (2 * t * t))], 1)
     q = patches(xt, P)
     J, r = q.shape[1], P // 2
     groups = groups_for(machine, H, W, P)
-    Qs = [aug_q(q[:, :, ql].transpose(1, 2).reshape(-1, J), 1).to(matmul_dtype) for ql, _ in groups]  # [B*|q|, J+1]
+    Qs = [aug_q(q[:, :, ql].transpose(1, 2).reshape(-1, J)).to(matmul_dtype) for ql, _ in groups]  # [B*|q|, J+1]
     states = [empty_state(len(Q), C=C) for Q in Qs]
     blank = patches(-torch.ones(1, C, H, W), P)[0]  # [J, L]: the blank patch at every location
     blank_count = torch.zeros(H * W)
@@ -110,7 +111,7 @@ def x0_hat(machine, xt, t, train, P=7, chunk=256, norms=None, matmul_dtype=torch
         # a patch is blank when sum |phi + 1| over it is 0 (a box filter, much cheaper than comparing patches)
         is_blank = (F.avg_pool2d((phi + 1).abs().sum(1, keepdim=True), P, 1, r) < 1e-7).flatten(1)  # [n, L]
         blank_count += is_blank.sum(0)
-        kn = norms[i:i + chunk] if norms is not None else patches(phi, P).pow(2).sum(1)  # [n, L]
+        kn = norms[i:i + chunk] if norms is not None else patch_norms(phi, P)  # [n, L]
         # every patch as a view [n, H, W, C, P, P] of the zero-padded chunk: the non-blank ones are gathered once
         all_k = F.pad(phi, (r, r, r, r)).unfold(2, P, 1).unfold(3, P, 1).permute(0, 2, 3, 1, 4, 5)
         for g, (ql, cl) in enumerate(groups):
@@ -150,7 +151,7 @@ class Machine:
     def __call__(self, x, t, y=None):
         t = max(float(t.flatten()[0]), 1e-3)  # the last Euler step is taken from t = dt > 0
         P = self.patch_size(t) if callable(self.patch_size) else self.patch_size
-        if self.machine != 'IS' and P not in self.norms:
+        if self.machine in ('ELS', 'bbELS') and P not in self.norms:
             self.norms[P] = patch_norms(self.train, P)
         x0 = x0_hat(self.machine, x.float(), t, self.train, P, self.chunk, self.norms.get(P), self.dtype)
         self.done += 1
@@ -188,7 +189,7 @@ def nearest(x, train, chunk=4096):
 
 
 if __name__ == '__main__':  # the experiment; importing this file gives only the machines above
-    from model import (NFE_PER_STEP, die, load_dataset, load_flow_model, resize, sample, save_labelled_grid, time_grid,
+    from model import (NFE_PER_STEP, die, load_flow_model, load_or_die, resize, sample, save_labelled_grid, time_grid,
                        to_model_range)
     # -------------------------------------------------------------------------
     out_dir = 'out/ideal'
@@ -234,10 +235,7 @@ if __name__ == '__main__':  # the experiment; importing this file gives only the
         die(f'{ckpt} is class-conditional: the machines stand beside the unconditional UNet of train_flow_unet.py')
     dataset = dataset or checkpoint.get('config', {}).get('dataset', 'mnist')
     C, S = unet.in_channels, unet.input_size
-    try:
-        x_train, _ = load_dataset(dataset, data_dir, train=True, image_size=S, download=False)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        die(f'{e}: pass --data_dir=DIR with the real {dataset}')
+    x_train, _ = load_or_die(dataset, data_dir, True, S, hint=f': pass --data_dir=DIR with the real {dataset}')
     if num_train:
         x_train = x_train[torch.randperm(len(x_train), generator=torch.Generator().manual_seed(seed))[:num_train]]
     train = resize(to_model_range(x_train), S).contiguous()
@@ -260,13 +258,14 @@ if __name__ == '__main__':  # the experiment; importing this file gives only the
     if calibrate:  # for each t of the grid: the P whose ELS x0_hat is closest (median r^2) to the UNet's on its own path
         ts = time_grid(steps).tolist()
         x, best = z.clone(), []
+        calib_norms = {P: patch_norms(train, P) for P in calib_sizes}  # once, not at every t
         calib_ts = []
         for t, t_next in zip(ts[:-1], ts[1:]):
             v = unet(x, torch.full((len(x),), t))
             if t < 1:  # at t = 1 every P gives the same x0_hat (the mean pixel): it takes the P of the next t
                 x0_unet = x - t * v  # the UNet's own x0 estimate on its own path
                 t0 = time.time()
-                scores = {P: r2(x0_hat('ELS', x, t, train, P, chunk, patch_norms(train, P), mm_dtype), x0_unet).median().item()
+                scores = {P: r2(x0_hat('ELS', x, t, train, P, chunk, calib_norms[P], mm_dtype), x0_unet).median().item()
                           for P in calib_sizes}
                 calib_ts.append(t)
                 best.append(max(scores, key=scores.get))

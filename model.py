@@ -578,7 +578,6 @@ def load_flow_model(path, device='cpu', use_ema=True):
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), with Tr (S1 S2)^(1/2) = sum sqrt(eig(S1^(1/2) S2 S1^(1/2)))."""
-    import numpy as np
     mu1, mu2, sigma1, sigma2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, sigma1, sigma2))
     w, U = np.linalg.eigh(sigma1)
     sqrt1 = (U * np.sqrt(w.clip(min=0))) @ U.T
@@ -588,7 +587,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 
 def feature_stats(f):
     """Mean and covariance of features [N, D] (the Gaussian that FID compares)."""
-    import numpy as np
     f = np.asarray(f, dtype=np.float64)
     return f.mean(0), np.cov(f, rowvar=False)
 
@@ -693,15 +691,20 @@ def setup_distributed(device, batch_size):
     return ddp, rank, local_rank, world_size, device
 
 
+def load_or_die(dataset, data_dir, train=True, image_size=32, download=False, hint=''):
+    """load_dataset, or one line on stderr and exit 1: the reason, then `hint` (what to do about it)."""
+    try:
+        return load_dataset(dataset, data_dir, train=train, image_size=image_size, download=download)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        die(f'{e}{hint}')
+
+
 def load_training_set(dataset, data_dir, image_size, download, ddp, master):
     """The training set on every process; under DDP rank 0 loads (and downloads) first. Dies with one line on error."""
     import torch.distributed as dist
     if ddp and not master:
         dist.barrier()  # rank 0 downloads first
-    try:
-        x, y = load_dataset(dataset, data_dir, train=True, image_size=image_size, download=download and master)
-    except (FileNotFoundError, ValueError) as e:
-        die(e)
+    x, y = load_or_die(dataset, data_dir, True, image_size, download and master)
     if ddp and master:
         dist.barrier()
     return x, y

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import (Batches, DATASETS, Progress, UNet, check_choices, cosine_lr, die, load_dataset,
+from model import (Batches, DATASETS, Progress, UNet, check_choices, cosine_lr, die, load_or_die,
                    load_training_set, mean_over_processes, plot_loss, resize, resume_checkpoint, rng_states,
                    save_checkpoint, save_labelled_grid, set_rng_states, setup_distributed, start_log,
                    to_model_range, update_ema)
@@ -82,10 +82,7 @@ log = print if master else (lambda *a, **k: None)
 
 # data: training set for learning, test set (the training set for a folder) for the figures
 x_all, y_all = load_training_set(dataset, data_dir, image_size, download, ddp, master)
-try:
-    x_test = load_dataset(dataset, data_dir, train=False, download=False)[0] if dataset != 'folder' else x_all
-except (FileNotFoundError, ValueError) as e:
-    die(e)
+x_test = load_or_die(dataset, data_dir, train=False)[0] if dataset != 'folder' else x_all
 C = x_all.shape[1]
 batches = Batches(x_all, y_all, batch_size, world_size, rank, seed, size=image_size, device=device)
 iters_per_epoch = batches.iters_per_epoch

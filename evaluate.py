@@ -24,8 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import (NFE_PER_STEP, MnistClassifier, cosine_lr, die, feature_stats, frechet_distance, load_or_die,
-                   load_flow_model, resize, sample, to_model_range, to_uint8)
+import torch.nn as nn
+
+from model import NFE_PER_STEP, cosine_lr, die, load_or_die, load_flow_model, resize, sample, to_model_range, to_uint8
 
 # -----------------------------------------------------------------------------
 out_dir = 'out/class_cfg'
@@ -51,15 +52,42 @@ inception_stats = ''  # '' = out/inception_stats_<dataset>_<num_ref>.npz (comput
 out_json = ''  # '' = out_dir/eval.json
 device = 'auto'
 dtype = 'bfloat16'  # bfloat16 (autocast) | float32
-exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+if __name__ == '__main__':  # imported (by the tests), this file gives the metrics below and reads no argv
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 
 MNIST_LIKE = ('mnist', 'fashion_mnist')
 INCEPTION_URL = 'https://download.pytorch.org/models/inception_v3_google-0cc3c7bd.pth'
-device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
-ctx = torch.autocast(device.split(':')[0], dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
-if inception not in ('auto', 'on', 'off'):
-    die(f"unknown inception {inception!r}: choose one of auto, on, off")
+
+
+class MnistClassifier(nn.Module):
+    """A small CNN for 1x32x32 images in [-1, 1]: its 128-d penultimate layer is the feature space of the
+    classifier-FID, its logits score whether a sample shows the class it was asked for."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        block = lambda c_in, c_out: [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)]
+        self.features = nn.Sequential(*block(1, 32), *block(32, 64), *block(64, 128), nn.Flatten(),
+                                      nn.Dropout(0.3), nn.Linear(128 * 4 * 4, 128), nn.ReLU())
+        self.head = nn.Linear(128, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), with Tr (S1 S2)^(1/2) = sum sqrt(eig(S1^(1/2) S2 S1^(1/2)))."""
+    mu1, mu2, sigma1, sigma2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, sigma1, sigma2))
+    w, U = np.linalg.eigh(sigma1)
+    sqrt1 = (U * np.sqrt(w.clip(min=0))) @ U.T
+    tr_covmean = np.sqrt(np.linalg.eigvalsh(sqrt1 @ sigma2 @ sqrt1).clip(min=0)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+def feature_stats(f):
+    """Mean and covariance of features [N, D] (the Gaussian that FID compares)."""
+    f = np.asarray(f, dtype=np.float64)
+    return f.mean(0), np.cov(f, rowvar=False)
 
 
 def parse_runs():
@@ -75,43 +103,6 @@ def parse_runs():
             die(f"bad run {r!r} in --runs: write solver:steps:cfg, e.g. heun:10:2")
         out.append((s, n, g))
     return out
-
-
-settings = parse_runs()
-cfg_given = any(a.startswith('--cfg=') for a in sys.argv[1:]) or any(g is not None for _, _, g in settings)
-settings = [(s, n, cfg if g is None else g) for s, n, g in settings]
-for s, n, _ in settings:
-    if s not in NFE_PER_STEP:
-        die(f"unknown solver {s!r}: choose one of {', '.join(NFE_PER_STEP)}")
-    if n < 1:
-        die(f'steps must be at least 1, got {n}')
-
-# what to evaluate: a model to sample, or a fixed set of samples
-model, num_classes = None, 0
-if npz:
-    if not os.path.isfile(npz):
-        die(f'no .npz at {npz}')
-    try:
-        data = np.load(npz)
-        x_npz, y_npz = data['arr_0'], data['arr_1'] if 'arr_1' in data else None
-    except Exception as e:
-        die(f'{npz} is not an .npz of samples with arr_0 (uint8 NxHxWxC): {type(e).__name__}')
-    if x_npz.dtype != np.uint8 or x_npz.ndim != 4:
-        die(f'{npz}: arr_0 must be uint8 NxHxWxC, got {x_npz.dtype} {x_npz.shape}')
-    dataset = dataset or 'mnist'
-    num_classes = int(y_npz.max()) + 1 if y_npz is not None and len(np.unique(y_npz)) > 1 else 0
-    settings = [('npz', 0, float('nan'))]
-else:
-    ckpt_path = ckpt or os.path.join(out_dir, 'ckpt.pt')
-    try:
-        model, checkpoint = load_flow_model(ckpt_path, device, use_ema)
-    except ValueError as e:
-        die(e)
-    dataset = dataset or checkpoint.get('config', {}).get('dataset', 'mnist')
-    num_classes = model.num_classes
-    if not num_classes and cfg_given:
-        die(f'{ckpt_path} is an unconditional model: guidance needs classes, drop --cfg (and the cfg in --runs)')
-    del checkpoint
 
 
 def load_real(train):
@@ -249,42 +240,81 @@ def generate(s, n_steps, g):
     return np.concatenate(xs), np.concatenate(ys), (time.time() - t0) / num_samples
 
 
-classifier = get_classifier() if dataset in MNIST_LIKE else None
-if classifier is None:
-    print(f'note: no classifier metrics for {dataset} (they are defined for {", ".join(MNIST_LIKE)})')
-inception_net = get_inception()
-inception_ref = inception_reference(inception_net) if inception_net is not None else None
+if __name__ == '__main__':
+    device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
+    ctx = torch.autocast(device.split(':')[0], dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
+    if inception not in ('auto', 'on', 'off'):
+        die(f"unknown inception {inception!r}: choose one of auto, on, off")
 
-rows = []
-for s, n_steps, g in settings:
+    settings = parse_runs()
+    cfg_given = any(a.startswith('--cfg=') for a in sys.argv[1:]) or any(g is not None for _, _, g in settings)
+    settings = [(s, n, cfg if g is None else g) for s, n, g in settings]
+    for s, n, _ in settings:
+        if s not in NFE_PER_STEP:
+            die(f"unknown solver {s!r}: choose one of {', '.join(NFE_PER_STEP)}")
+        if n < 1:
+            die(f'steps must be at least 1, got {n}')
+
+    # what to evaluate: a model to sample, or a fixed set of samples
+    model, num_classes = None, 0
     if npz:
-        x, y, sec = x_npz, y_npz, float('nan')
+        if not os.path.isfile(npz):
+            die(f'no .npz at {npz}')
+        try:
+            data = np.load(npz)
+            x_npz, y_npz = data['arr_0'], data['arr_1'] if 'arr_1' in data else None
+        except Exception as e:
+            die(f'{npz} is not an .npz of samples with arr_0 (uint8 NxHxWxC): {type(e).__name__}')
+        if x_npz.dtype != np.uint8 or x_npz.ndim != 4:
+            die(f'{npz}: arr_0 must be uint8 NxHxWxC, got {x_npz.dtype} {x_npz.shape}')
+        dataset = dataset or 'mnist'
+        num_classes = int(y_npz.max()) + 1 if y_npz is not None and len(np.unique(y_npz)) > 1 else 0
+        settings = [('npz', 0, float('nan'))]
     else:
-        x, y, sec = generate(s, n_steps, g)
-    row = dict(solver=s, steps=n_steps, nfe=n_steps * NFE_PER_STEP.get(s, 0), cfg=g if num_classes else None,
-               num_samples=len(x), sec_per_sample=sec, fid_cls=None, acc=None, fid_inception=None)
-    if classifier is not None:
-        net, _, mu, sigma = classifier
-        feats, logits = classifier_features(net, x)
-        row['fid_cls'] = frechet_distance(*feature_stats(feats), mu, sigma)
-        if num_classes and y is not None:
-            row['acc'] = (logits.argmax(1).numpy() == y).mean().item()
-    if inception_net is not None:
-        row['fid_inception'] = frechet_distance(*feature_stats(inception_features(inception_net, x)), *inception_ref)
-    rows.append(row)
+        ckpt_path = ckpt or os.path.join(out_dir, 'ckpt.pt')
+        model, checkpoint = load_flow_model(ckpt_path, device, use_ema)
+        dataset = dataset or checkpoint.get('config', {}).get('dataset', 'mnist')
+        num_classes = model.num_classes
+        if not num_classes and cfg_given:
+            die(f'{ckpt_path} is an unconditional model: guidance needs classes, drop --cfg (and the cfg in --runs)')
+        del checkpoint
 
-result = dict(source=npz or ckpt_path, dataset=dataset, classifier_test_acc=classifier[1] if classifier else None,
-              dtype=dtype, shift=shift, rows=rows)
-out_json = out_json or (os.path.splitext(npz)[0] + '_eval.json' if npz else os.path.join(out_dir, 'eval.json'))
-os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
-with open(out_json, 'w') as f:
-    json.dump(result, f, indent=1)
+    classifier = get_classifier() if dataset in MNIST_LIKE else None
+    if classifier is None:
+        print(f'note: no classifier metrics for {dataset} (they are defined for {", ".join(MNIST_LIKE)})')
+    inception_net = get_inception()
+    inception_ref = inception_reference(inception_net) if inception_net is not None else None
 
-fmt = lambda v, p: '-' if v is None or v != v else f'{v:.{p}f}'
-print(f'\n{result["source"]} on {dataset}, {rows[0]["num_samples"]} samples' +
-      (f'; classifier test accuracy {classifier[1] * 100:.2f} %' if classifier else ''))
-print(f'{"solver":>8} {"steps":>5} {"NFE":>4} {"cfg":>5} {"FID-cls":>8} {"acc %":>6} {"FID-incep":>9} {"s/sample":>9}')
-for r in rows:
-    print(f'{r["solver"]:>8} {r["steps"]:>5} {r["nfe"]:>4} {fmt(r["cfg"], 1):>5} {fmt(r["fid_cls"], 3):>8} '
-          f'{fmt(r["acc"] and r["acc"] * 100, 1):>6} {fmt(r["fid_inception"], 2):>9} {fmt(r["sec_per_sample"], 4):>9}')
-print(f'wrote {out_json}')
+    rows = []
+    for s, n_steps, g in settings:
+        if npz:
+            x, y, sec = x_npz, y_npz, float('nan')
+        else:
+            x, y, sec = generate(s, n_steps, g)
+        row = dict(solver=s, steps=n_steps, nfe=n_steps * NFE_PER_STEP.get(s, 0), cfg=g if num_classes else None,
+                   num_samples=len(x), sec_per_sample=sec, fid_cls=None, acc=None, fid_inception=None)
+        if classifier is not None:
+            net, _, mu, sigma = classifier
+            feats, logits = classifier_features(net, x)
+            row['fid_cls'] = frechet_distance(*feature_stats(feats), mu, sigma)
+            if num_classes and y is not None:
+                row['acc'] = (logits.argmax(1).numpy() == y).mean().item()
+        if inception_net is not None:
+            row['fid_inception'] = frechet_distance(*feature_stats(inception_features(inception_net, x)), *inception_ref)
+        rows.append(row)
+
+    result = dict(source=npz or ckpt_path, dataset=dataset, classifier_test_acc=classifier[1] if classifier else None,
+                  dtype=dtype, shift=shift, rows=rows)
+    out_json = out_json or (os.path.splitext(npz)[0] + '_eval.json' if npz else os.path.join(out_dir, 'eval.json'))
+    os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
+    with open(out_json, 'w') as f:
+        json.dump(result, f, indent=1)
+
+    fmt = lambda v, p: '-' if v is None or v != v else f'{v:.{p}f}'
+    print(f'\n{result["source"]} on {dataset}, {rows[0]["num_samples"]} samples' +
+          (f'; classifier test accuracy {classifier[1] * 100:.2f} %' if classifier else ''))
+    print(f'{"solver":>8} {"steps":>5} {"NFE":>4} {"cfg":>5} {"FID-cls":>8} {"acc %":>6} {"FID-incep":>9} {"s/sample":>9}')
+    for r in rows:
+        print(f'{r["solver"]:>8} {r["steps"]:>5} {r["nfe"]:>4} {fmt(r["cfg"], 1):>5} {fmt(r["fid_cls"], 3):>8} '
+              f'{fmt(r["acc"] and r["acc"] * 100, 1):>6} {fmt(r["fid_inception"], 2):>9} {fmt(r["sec_per_sample"], 4):>9}')
+    print(f'wrote {out_json}')

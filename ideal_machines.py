@@ -227,10 +227,7 @@ if __name__ == '__main__':  # the experiment; importing this file gives only the
         die(f"unknown matmul_dtype {matmul_dtype!r}: choose float32 or bfloat16")
     mm_dtype = getattr(torch, matmul_dtype)
     torch.set_grad_enabled(False)
-    try:
-        unet, checkpoint = load_flow_model(ckpt, 'cpu')
-    except ValueError as e:
-        die(e)
+    unet, checkpoint = load_flow_model(ckpt, 'cpu')
     if unet.num_classes:
         die(f'{ckpt} is class-conditional: the machines stand beside the unconditional UNet of train_flow_unet.py')
     dataset = dataset or checkpoint.get('config', {}).get('dataset', 'mnist')

@@ -1,9 +1,15 @@
 """
-Every network and all the flow math of nanoflow, in one file.
+nanoflow's one shared module, in the order a reader meets it:
 
-Conventions (SPEC section 2): images in [-1, 1]; t = 0 is data, t = 1 is noise;
-x_t = (1 - t) * x0 + t * eps and the network predicts the velocity v = eps - x0.
-Sampling integrates dx/dt = v from t = 1 down to t = 0.
+1. networks: the embeddings both networks use, DiT-LLaMA (AdaLN-Zero, 2D RoPE, SwiGLU) and the UNet
+   (the one-step denoiser, the flow model and the class-conditional CFG model, chosen by its arguments);
+2. the flow: the rectified-flow loss, time grids, ODE solvers and classifier-free guidance;
+3. EMA of the weights;
+4. what the scripts share: one-line errors, devices and DDP, data and batches, the training loop's
+   bookkeeping, checkpoints and figures.
+
+Conventions: images in [-1, 1]; t = 0 is data, t = 1 is noise; x_t = (1 - t) x0 + t eps and the
+networks predict the velocity v = eps - x0. Sampling integrates dx/dt = v from t = 1 down to t = 0.
 """
 import math
 import os
@@ -11,67 +17,57 @@ import pickle
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# -----------------------------------------------------------------------------
-# shared pieces: modulation, time and label embeddings
-
+# =============================================================================
+# Networks
+# embeddings shared by DiT-LLaMA and the UNet: modulation, time and labels
 
 def modulate(x, shift, scale):
     # AdaLN: x * (1 + scale) + shift, one (shift, scale) per sample broadcast over tokens
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
-
-def timestep_embedding(t, dim, t_scale=1000.0, max_period=10000.0):
-    """Sinusoidal embedding of t in [0, 1]; t is scaled by t_scale so that the whole
-    frequency ladder is used (unscaled, the embedding is nearly linear in t)."""
+def timestep_embedding(t, dim, max_period=10000.0):
+    """Sinusoidal embedding of t in [0, 1], scaled by 1000 so that the whole frequency ladder is used
+    (unscaled, the embedding is nearly linear in t)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = (t_scale * t.float())[:, None] * freqs[None]
+    args = (1000.0 * t.float())[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
 
 class TimestepEmbedder(nn.Module):
     """t -> sinusoidal(freq_dim) -> MLP -> dim."""
-
-    def __init__(self, dim, freq_dim=256, t_scale=1000.0):
+    def __init__(self, dim, freq_dim=256):
         super().__init__()
-        self.freq_dim, self.t_scale = freq_dim, t_scale
+        self.freq_dim = freq_dim
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t):
-        return self.mlp(timestep_embedding(t, self.freq_dim, self.t_scale))
-
+        return self.mlp(timestep_embedding(t, self.freq_dim))
 
 class LabelEmbedder(nn.Module):
     """Class labels -> vectors. Index num_classes is the null class used for CFG: in training a
     label becomes null with probability p_uncond (label dropout)."""
-
     def __init__(self, num_classes, dim, p_uncond=0.1):
         super().__init__()
         self.num_classes, self.p_uncond = num_classes, p_uncond
         self.embedding = nn.Embedding(num_classes + 1, dim)
 
-    def token_drop(self, labels, force_drop_ids=None):
-        if force_drop_ids is None:
-            drop = torch.rand(labels.shape[0], device=labels.device) < self.p_uncond
-        else:
-            drop = force_drop_ids == 1
+    def token_drop(self, labels):
+        drop = torch.rand(labels.shape[0], device=labels.device) < self.p_uncond
         return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
 
-    def forward(self, labels, train=False, force_drop_ids=None):
-        if (train and self.p_uncond > 0) or force_drop_ids is not None:
-            labels = self.token_drop(labels, force_drop_ids)
+    def forward(self, labels, train=False):
+        if train and self.p_uncond > 0:
+            labels = self.token_drop(labels)
         return self.embedding(labels)
 
-
-# -----------------------------------------------------------------------------
 # 2D rotary position embedding: half the head dims rotate with the row, half with the column
-
 
 def rope_angles(rows, cols, head_dim, theta=10000.0):
     """Angles [L, head_dim // 2] for tokens at integer positions (rows[i], cols[i])."""
@@ -79,11 +75,9 @@ def rope_angles(rows, cols, head_dim, theta=10000.0):
     freqs = 1.0 / theta ** (torch.arange(quarter, dtype=torch.float32) / quarter)
     return torch.cat([rows.float()[:, None] * freqs, cols.float()[:, None] * freqs], dim=-1)
 
-
 def rope_grid(h, w, head_dim, theta=10000.0):
     rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij')
     return rope_angles(rows.flatten(), cols.flatten(), head_dim, theta)
-
 
 def apply_rope(x, angles):
     """Rotate consecutive pairs (x[2i], x[2i+1]) of the last dim of x [..., L, head_dim] by angles [L, head_dim/2]."""
@@ -91,21 +85,17 @@ def apply_rope(x, angles):
     x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
 
-
 # -----------------------------------------------------------------------------
 # DiT-LLaMA
 
-
 class RMSNorm(nn.Module):
     """x / rms(x) * w, computed in the input's dtype (nn.RMSNorm falls off its fused path under bf16 autocast)."""
-
     def __init__(self, dim, eps=1e-6):
         super().__init__()
         self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
         return F.rms_norm(x, x.shape[-1:], self.weight.to(x.dtype), self.eps)
-
 
 class Attention(nn.Module):
     def __init__(self, dim, n_heads, qk_norm=True, sdpa=True):
@@ -129,10 +119,8 @@ class Attention(nn.Module):
             y = att.softmax(dim=-1) @ v
         return self.proj(y.transpose(1, 2).reshape(B, L, D))
 
-
 class SwiGLU(nn.Module):
     """w2(silu(w1 x) * w3 x), hidden size 2/3 of 4*dim as in LLaMA, rounded up to a multiple of 32."""
-
     def __init__(self, dim, multiple_of=32):
         super().__init__()
         hidden = multiple_of * math.ceil(int(2 * 4 * dim / 3) / multiple_of)
@@ -143,12 +131,10 @@ class SwiGLU(nn.Module):
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
-
 class TransformerBlock(nn.Module):
     """Pre-norm block with AdaLN-Zero: 6 vectors (shift, scale, gate for attention and for the MLP)
     from the conditioning; the modulation is zero at init, so the gates are 0 and the block is
     the identity."""
-
     def __init__(self, dim, n_heads, qk_norm=True, sdpa=True):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -165,10 +151,8 @@ class TransformerBlock(nn.Module):
         x = x + gate_m.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
         return x
 
-
 class FinalLayer(nn.Module):
     """AdaLN (shift, scale, no gate) then a linear map to patch_size^2 * out_channels; zero-initialised."""
-
     def __init__(self, dim, patch_size, out_channels):
         super().__init__()
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -182,22 +166,19 @@ class FinalLayer(nn.Module):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
         return self.linear(modulate(self.norm(x), shift, scale))
 
-
 def patchify(x, p):
     """[B, C, H, W] -> [B, (H/p)*(W/p), p*p*C], tokens in row-major order."""
     B, C, H, W = x.shape
     return x.view(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * C)
-
 
 def unpatchify(x, p, C, H, W):
     """Inverse of patchify: [B, L, p*p*C] -> [B, C, H, W]."""
     B = x.shape[0]
     return x.view(B, H // p, W // p, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
 
-
 class DiT_Llama(nn.Module):
     def __init__(self, in_channels=1, input_size=28, patch_size=2, dim=256, n_layers=6, n_heads=4,
-                 num_classes=10, p_uncond=0.1, qk_norm=True, stem_channels=32, t_scale=1000.0, sdpa=True):
+                 num_classes=10, p_uncond=0.1, qk_norm=True, stem_channels=32, sdpa=True):
         super().__init__()
         assert input_size % patch_size == 0, f'input_size {input_size} must be divisible by patch_size {patch_size}'
         self.in_channels, self.input_size, self.patch_size, self.num_classes = in_channels, input_size, patch_size, num_classes
@@ -206,7 +187,7 @@ class DiT_Llama(nn.Module):
             nn.Conv2d(in_channels, stem_channels, 3, padding=1), nn.GroupNorm(8, stem_channels), nn.SiLU(),
             nn.Conv2d(stem_channels, stem_channels, 3, padding=1), nn.GroupNorm(8, stem_channels), nn.SiLU())
         self.x_embedder = nn.Linear(patch_size * patch_size * stem_channels, dim)
-        self.t_embedder = TimestepEmbedder(dim, t_scale=t_scale)
+        self.t_embedder = TimestepEmbedder(dim)
         self.y_embedder = LabelEmbedder(num_classes, dim, p_uncond)
         self.blocks = nn.ModuleList(TransformerBlock(dim, n_heads, qk_norm, sdpa) for _ in range(n_layers))
         self.final_layer = FinalLayer(dim, patch_size, in_channels)
@@ -224,26 +205,23 @@ class DiT_Llama(nn.Module):
         for m in self.t_embedder.mlp[::2]:
             nn.init.normal_(m.weight, std=0.02)
 
-    def forward(self, x, t, y=None, force_drop_ids=None):
+    def forward(self, x, t, y=None):
         B, C, H, W = x.shape
         if y is None:  # unconditional: every label is the null class
             y = torch.full((B,), self.num_classes, dtype=torch.long, device=x.device)
         h = self.x_embedder(patchify(self.stem(x), self.patch_size))
-        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training)
         for block in self.blocks:
             h = block(h, c, self.angles)
         h = self.final_layer(h, c)
         return unpatchify(h, self.patch_size, C, H, W)
 
-
 # -----------------------------------------------------------------------------
 # UNet: one network for the one-step denoiser (no conditioning), the flow model (time) and the
 # CFG model (time + class with a null class), chosen by its arguments
 
-
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv twice with a residual; the conditioning scales and shifts the second norm."""
-
     def __init__(self, c_in, c_out, emb_dim=0):
         super().__init__()
         self.norm1, self.conv1 = nn.GroupNorm(math.gcd(8, c_in), c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
@@ -258,10 +236,8 @@ class ResBlock(nn.Module):
             h = h * (1 + scale) + shift
         return self.skip(x) + self.conv2(F.silu(h))
 
-
 class AttnBlock(nn.Module):
     """Self-attention over the H*W positions of a feature map, with a residual."""
-
     def __init__(self, c, n_heads=4):
         super().__init__()
         self.n_heads = n_heads
@@ -270,18 +246,17 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         B, C, H, W = x.shape
         q, k, v = self.qkv(self.norm(x)).view(B, 3, self.n_heads, C // self.n_heads, H * W).transpose(-1, -2).unbind(1)
-        y = F.scaled_dot_product_attention(q, k, v)  # [B, heads, HW, C / heads]
+        y = F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous())  # [B, heads, HW, C/heads]; CUDA's fused kernels want contiguous inputs
         return x + self.proj(y.transpose(-1, -2).reshape(B, C, H, W))
-
 
 class UNet(nn.Module):
     def __init__(self, in_channels=1, input_size=32, base_channels=32, channel_mult=(1, 2, 2), attn_levels=(2,),
-                 n_res=2, time_cond=True, num_classes=0, p_uncond=0.1, t_scale=1000.0):
+                 n_res=2, time_cond=True, num_classes=0, p_uncond=0.1):
         super().__init__()
         assert input_size % 2 ** (len(channel_mult) - 1) == 0, f'input_size must be divisible by {2 ** (len(channel_mult) - 1)}'
         self.in_channels, self.input_size, self.time_cond, self.num_classes = in_channels, input_size, time_cond, num_classes
         emb_dim = 4 * base_channels if (time_cond or num_classes) else 0
-        self.t_embedder = TimestepEmbedder(emb_dim, base_channels, t_scale) if time_cond else None
+        self.t_embedder = TimestepEmbedder(emb_dim, freq_dim=base_channels) if time_cond else None
         self.y_embedder = LabelEmbedder(num_classes, emb_dim, p_uncond) if num_classes else None
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
         chans, ch = [base_channels], base_channels
@@ -334,47 +309,26 @@ class UNet(nn.Module):
             h = self._run(layers, h, emb)
         return self.out(h)
 
-
 def build_model(model_args):
     """The network a checkpoint's model_args describe: DiT-LLaMA args have `dim`, the UNet's `base_channels`."""
     return DiT_Llama(**model_args) if 'dim' in model_args else UNet(**model_args)
 
-
-class MnistClassifier(nn.Module):
-    """A small CNN for 1x32x32 images in [-1, 1]: its 128-d penultimate layer is the feature space of the
-    classifier-FID, its logits score whether a sample shows the class it was asked for."""
-
-    def __init__(self, num_classes=10):
-        super().__init__()
-        block = lambda c_in, c_out: [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)]
-        self.features = nn.Sequential(*block(1, 32), *block(32, 64), *block(64, 128), nn.Flatten(),
-                                      nn.Dropout(0.3), nn.Linear(128 * 4 * 4, 128), nn.ReLU())
-        self.head = nn.Linear(128, num_classes)
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
-
-# -----------------------------------------------------------------------------
-# rectified flow: loss, time grids and ODE solvers with classifier-free guidance
-
+# =============================================================================
+# The flow: loss, time grids and ODE solvers with classifier-free guidance
 
 class RectifiedFlow:
     """x_t = (1 - t) x0 + t eps, target v = eps - x0, loss = per-sample MSE over C*H*W."""
-
-    def __init__(self, t_sampling='logit_normal', ln_mean=0.0, ln_std=1.0, mode_scale=1.29, shift=1.0):
+    def __init__(self, t_sampling='logit_normal'):
         assert t_sampling in ('logit_normal', 'uniform', 'mode'), f'unknown t_sampling {t_sampling!r}'
-        self.t_sampling, self.ln_mean, self.ln_std, self.mode_scale, self.shift = t_sampling, ln_mean, ln_std, mode_scale, shift
+        self.t_sampling = t_sampling
 
     def sample_t(self, n, device='cpu'):
-        if self.t_sampling == 'logit_normal':  # t = sigmoid(n), n ~ N(m, s)
-            t = torch.sigmoid(self.ln_mean + self.ln_std * torch.randn(n, device=device))
-        elif self.t_sampling == 'uniform':
-            t = torch.rand(n, device=device)
-        else:  # SD3's mode density: t = 1 - u - s (cos^2(pi u / 2) - 1 + u), u ~ U(0, 1)
-            u = torch.rand(n, device=device)
-            t = 1 - u - self.mode_scale * (torch.cos(math.pi / 2 * u) ** 2 - 1 + u)
-        return shift_t(t, self.shift)
+        if self.t_sampling == 'logit_normal':  # t = sigmoid(n), n ~ N(0, 1)
+            return torch.sigmoid(torch.randn(n, device=device))
+        u = torch.rand(n, device=device)
+        if self.t_sampling == 'uniform':
+            return u
+        return 1 - u - 1.29 * (torch.cos(math.pi / 2 * u) ** 2 - 1 + u)  # SD3's mode density, scale 1.29
 
     def loss(self, model, x0, y=None):
         """Returns the mean loss and the per-sample (t, loss) pairs."""
@@ -386,16 +340,13 @@ class RectifiedFlow:
         per_sample = ((v.float() - (eps - x0)) ** 2).mean(dim=tuple(range(1, x0.dim())))
         return per_sample.mean(), (t.detach(), per_sample.detach())
 
-
 def shift_t(t, shift):
     # SD3 resolution shift: t' = s t / (1 + (s - 1) t); s > 1 spends more time near noise
     return shift * t / (1 + (shift - 1) * t) if shift != 1.0 else t
 
-
 def time_grid(steps, shift=1.0, device='cpu'):
     """steps + 1 times from 1 (noise) down to 0 (data)."""
     return shift_t(torch.linspace(1.0, 0.0, steps + 1, device=device), shift)
-
 
 def guided_velocity(model, x, t, y=None, cfg=1.0):
     """v = v_uncond + cfg (v_cond - v_uncond), both passes in one doubled batch.
@@ -409,7 +360,6 @@ def guided_velocity(model, x, t, y=None, cfg=1.0):
 
 
 NFE_PER_STEP = {'euler': 1, 'midpoint': 2, 'heun': 2, 'rk4': 4}
-
 
 def ode_step(f, x, t, t_next, solver):
     """One step of dx/dt = f(x, t) from t to t_next (dt = t_next - t is negative when sampling)."""
@@ -430,7 +380,6 @@ def ode_step(f, x, t, t_next, solver):
         return x + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
     raise ValueError(f'unknown solver {solver!r}; choose one of {list(NFE_PER_STEP)}')
 
-
 @torch.no_grad()
 def sample(model, z, y=None, steps=50, cfg=1.0, solver='euler', shift=1.0, return_traj=False):
     """Integrate from z (noise, t = 1) to t = 0. Returns x0, or (x0, [x at every grid time]) when
@@ -445,10 +394,8 @@ def sample(model, z, y=None, steps=50, cfg=1.0, solver='euler', shift=1.0, retur
             traj.append(x)
     return (x, traj) if return_traj else x
 
-
-# -----------------------------------------------------------------------------
+# =============================================================================
 # EMA of the weights, used for sampling
-
 
 @torch.no_grad()
 def update_ema(ema_model, model, decay):
@@ -456,22 +403,96 @@ def update_ema(ema_model, model, decay):
     ema_p = list(ema_model.parameters())
     torch._foreach_lerp_(ema_p, [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_p)], 1 - decay)
 
+# =============================================================================
+# What the scripts share: one-line errors, devices and processes, data and batches, the training loop's
+# bookkeeping, checkpoints, figures. Every helper here reports bad input with die(): one line, no traceback.
 
-# -----------------------------------------------------------------------------
-# data, checkpoints and figures: the plumbing every script shares
 
+DATASETS = ('mnist', 'fashion_mnist', 'cifar10', 'folder')
+
+def die(msg):
+    """How every script reports bad input: one line on stderr, exit code 1, no traceback."""
+    print(f'error: {msg}', file=sys.stderr)
+    sys.exit(1)
+
+def check_choices(**settings):
+    """settings: name=(value, allowed values); dies naming the first value that is not allowed."""
+    for key, (value, choices) in settings.items():
+        if value not in choices:
+            die(f"unknown {key} {value!r}: choose one of {', '.join(choices)}")
+
+# devices, precision and processes
+
+def setup_distributed(device, batch_size):
+    """Processes from torchrun's RANK / LOCAL_RANK / WORLD_SIZE (one process without them) and the device.
+    Returns (ddp, rank, local_rank, world_size, device); the process group uses NCCL on GPU, gloo on CPU."""
+    import datetime
+    import torch.distributed as dist
+    ddp = 'RANK' in os.environ
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')) if ddp else (0, 0, 1)
+    if batch_size % world_size:
+        die(f'batch_size {batch_size} is not divisible by {world_size} processes: use a multiple of {world_size}')
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if device == 'cuda':
+        if not torch.cuda.is_available():
+            die('device=cuda but no GPU is visible: use --device=cpu (or auto)')
+        if local_rank >= torch.cuda.device_count():
+            die(f'LOCAL_RANK {local_rank} but {torch.cuda.device_count()} GPU(s) visible: use --nproc_per_node '
+                f'{torch.cuda.device_count()} or fewer')
+        device = f'cuda:{local_rank}'
+        torch.cuda.set_device(device)
+    if ddp:  # a long timeout: the other processes wait at a barrier while local rank 0 reads (or downloads) the data
+        cuda = device.startswith('cuda')
+        dist.init_process_group('nccl' if cuda else 'gloo', timeout=datetime.timedelta(hours=2),
+                                device_id=torch.device(device) if cuda else None)
+    return ddp, rank, local_rank, world_size, device
+
+def setup_precision(device, dtype, log=print):
+    """TF32 for fp32 matmuls and convolutions on a GPU, and the autocast context for dtype: bf16 autocast on
+    CPU and on GPUs with native bf16, else fp32 with one note. Returns (context, dtype)."""
+    if device.startswith('cuda'):
+        torch.backends.cuda.matmul.fp32_precision = 'tf32'
+        torch.backends.cudnn.conv.fp32_precision = 'tf32'
+        if dtype == 'bfloat16' and not torch.cuda.is_bf16_supported(including_emulation=False):
+            log('note: this GPU has no native bf16, so this run uses float32')
+            dtype = 'float32'
+    if dtype == 'float32':
+        return nullcontext(), dtype
+    return torch.autocast(device.split(':')[0], dtype=torch.bfloat16), dtype
+
+def rng_states(ddp, world_size):
+    """Every process's RNG state (gathered to each process), so a resumed DDP run draws the same noise."""
+    state = {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    if not ddp:
+        return [state]
+    import torch.distributed as dist
+    states = [None] * world_size
+    dist.all_gather_object(states, state)
+    return states
+
+def set_rng_states(states, rank, world_size, fallback_seed):
+    """Restore this process's RNG states. With another number of processes, or no CUDA state for a GPU run,
+    the generators are reseeded instead (one note from rank 0), so no run replays the draws of iteration 0."""
+    if len(states) != world_size or (torch.cuda.is_available() and states[rank]['cuda'] is None):
+        torch.manual_seed(fallback_seed)  # seeds the CUDA generators too
+        if rank == 0:
+            print(f'note: the checkpoint holds RNG states for {len(states)} process(es), not {world_size} on this '
+                  f'device: reseeding, so batches and noise differ from an uninterrupted run')
+        return
+    torch.set_rng_state(states[rank]['cpu'])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state(states[rank]['cuda'])
+
+# data
 
 def _torchvision_idx(name, data_dir, train, download):
     from torchvision import datasets
     cls, folder = {'mnist': (datasets.MNIST, 'MNIST'), 'fashion_mnist': (datasets.FashionMNIST, 'FashionMNIST')}[name]
-    try:
-        return cls(data_dir, train=train, download=False)
-    except RuntimeError:
-        pass
     made = not os.path.exists(os.path.join(data_dir, folder))
-    if download:
+    for dl in (False, True) if download else (False,):
         try:
-            return cls(data_dir, train=train, download=True)
+            return cls(data_dir, train=train, download=dl)
         except Exception:
             pass
     if made:  # leave nothing behind from a failed download
@@ -480,7 +501,6 @@ def _torchvision_idx(name, data_dir, train, download):
     why = 'the download failed (offline?)' if download else 'download is off'
     raise FileNotFoundError(f'{name} not found in {os.path.join(data_dir, folder, "raw")} and {why}: expected {files} '
                             f'there; pass --data_dir=DIR that holds {folder}/raw/')
-
 
 def _cifar10(data_dir, train, download):
     root = os.path.join(data_dir, 'cifar-10-batches-py')
@@ -505,7 +525,6 @@ def _cifar10(data_dir, train, download):
         ys.append(torch.as_tensor(d.get('labels', d.get('fine_labels'))))
     return torch.cat(xs), torch.cat(ys)
 
-
 def _image_folder(data_dir, image_size):
     from torchvision import datasets, transforms
     if not os.path.isdir(data_dir):
@@ -515,32 +534,143 @@ def _image_folder(data_dir, image_size):
     x = torch.stack([ds[i][0] for i in range(len(ds))])
     return x, torch.as_tensor(ds.targets)
 
-
 def load_dataset(name, data_dir, train=True, image_size=32, download=True):
     """The whole dataset in memory: uint8 images [N, C, H, W] and int64 labels [N].
-    mnist / fashion_mnist / cifar10 in torchvision's layout under data_dir; folder: data_dir/<class>/<image>."""
+    mnist / fashion_mnist / cifar10 in torchvision's layout under data_dir; folder: data_dir/<class>/<image>.
+    Raises FileNotFoundError / ValueError with a one-line reason (scripts call load_or_die)."""
     if name in ('mnist', 'fashion_mnist'):
         ds = _torchvision_idx(name, data_dir, train, download)
         x, y = ds.data.unsqueeze(1), ds.targets
     elif name == 'cifar10':
         x, y = _cifar10(data_dir, train, download)
     elif name == 'folder':
-        x, y = _image_folder(data_dir, image_size)
+        x, y = _image_folder(data_dir, image_size or 32)
     else:
         raise ValueError(f"unknown dataset {name!r}: choose mnist, fashion_mnist, cifar10 or folder")
     if len(x) == 0:
         raise FileNotFoundError(f'dataset {name!r} under {data_dir!r} holds no images')
     return x.contiguous(), y.long()
 
+def load_or_die(dataset, data_dir, train=True, image_size=32, download=False, hint=''):
+    """load_dataset, or one line on stderr and exit 1: the reason, then `hint` (what to do about it)."""
+    try:
+        return load_dataset(dataset, data_dir, train=train, image_size=image_size, download=download)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        die(f'{e}{hint}')
+
+def load_training_set(dataset, data_dir, image_size, download, ddp, local_rank, device):
+    """The training set as uint8 [N, C, S, S] and labels on `device`, resized once here to image_size (0: as
+    stored). Under DDP each node's local rank 0 reads (and downloads) first while the others wait."""
+    import torch.distributed as dist
+    if ddp and local_rank != 0:
+        dist.barrier()
+    x, y = load_or_die(dataset, data_dir, True, image_size, download and local_rank == 0)
+    if ddp and local_rank == 0:
+        dist.barrier()
+    if image_size and x.shape[-1] != image_size:
+        x = resize(x.float(), image_size).round().clamp(0, 255).to(torch.uint8)
+    return x.to(device), y.to(device)
 
 def to_model_range(x_uint8):
     return x_uint8.float() / 127.5 - 1.0  # [0, 255] -> [-1, 1]
-
 
 def to_uint8(x):
     """[-1, 1] NCHW -> uint8 NHWC numpy (the layout of image files and FID .npz files)."""
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
+def resize(x, size):
+    return x if size is None or x.shape[-1] == size else F.interpolate(x, size=(size, size), mode='bilinear', antialias=True)
+
+class Batches:
+    """Batch number `it` of a run over uint8 images held on the training device: the order depends only on
+    (seed, epoch), through a DistributedSampler share per process, so a resumed run sees exactly the same
+    batches. Images are gathered, scaled to [-1, 1] and flipped where they live."""
+    def __init__(self, x, y, batch_size, world_size=1, rank=0, seed=0, hflip=False):
+        from torch.utils.data.distributed import DistributedSampler
+        self.x, self.y, self.B, self.hflip = x, y, batch_size // world_size, hflip
+        self.sampler = DistributedSampler(range(len(x)), num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                          drop_last=True)
+        self.iters_per_epoch = len(self.sampler) // self.B
+        self.epoch, self.order = None, None
+
+    def get(self, it):
+        epoch, i = divmod(it, self.iters_per_epoch)
+        if epoch != self.epoch:
+            self.sampler.set_epoch(epoch)
+            self.epoch, self.order = epoch, torch.tensor(list(self.sampler), device=self.x.device)
+        idx = self.order[i * self.B:(i + 1) * self.B]
+        x = to_model_range(self.x[idx])
+        if self.hflip:
+            x = torch.where(torch.rand(self.B, 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
+        return x, self.y[idx]
+
+# the training loop's bookkeeping
+
+def cosine_lr(it, lr, min_lr, warmup_iters, decay_iters):
+    """Linear warm-up to lr, then cosine decay to min_lr at decay_iters (decay_iters < 0: constant lr)."""
+    if it < warmup_iters:
+        return lr * (it + 1) / (warmup_iters + 1)
+    if decay_iters < 0:
+        return lr
+    if it >= decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+class Progress:
+    """Loss, images/s and ETA. The loss and a finite-flag are summed on the device (no host sync per iteration);
+    check() reads them, averaged over processes, at log and checkpoint time, and stops every process on a NaN
+    or inf before anything is written. pause() after sampling or checkpointing keeps that work out of the speed."""
+    def __init__(self, iter_num, max_iters, batch_size, iters_per_epoch, ddp, world_size, ckpt_path):
+        self.max_iters, self.batch_size, self.iters_per_epoch = max_iters, batch_size, iters_per_epoch
+        self.ddp, self.world_size, self.ckpt_path = ddp, world_size, ckpt_path
+        self.t_start = self.t_last = time.time()
+        self.loss_sum, self.bad, self.n, self.it_last = 0.0, 0.0, 0, iter_num
+
+    def add(self, loss, grad_norm):
+        self.loss_sum = self.loss_sum + loss.detach().float()
+        self.bad = self.bad + (~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm)).float()
+        self.n += 1
+
+    def check(self, iter_num):
+        """The mean loss since the last report over all processes; dies if any loss or gradient was not finite."""
+        if not self.n:
+            return float('nan')
+        x = torch.stack([torch.as_tensor(self.loss_sum) / self.n, torch.as_tensor(self.bad).float()])
+        if self.ddp:
+            import torch.distributed as dist
+            dist.all_reduce(x)  # a sum: gloo has no AVG
+            x[0] /= self.world_size
+        loss, bad = x.tolist()
+        if bad or not math.isfinite(loss):
+            die(f'loss is not finite (mean {loss}) before iter {iter_num}; stopped without writing, the last good '
+                f'checkpoint ({self.ckpt_path}) is untouched. Lower --learning_rate or use --dtype=float32, then '
+                f'--init_from=resume')
+        return loss
+
+    def pause(self):
+        self.t_last = time.time()
+
+    def report(self, iter_num, lr):
+        loss = self.check(iter_num)
+        dt = time.time() - self.t_last
+        img_s = (iter_num - self.it_last) * self.batch_size / dt
+        eta = (self.max_iters - iter_num) * dt / max(1, iter_num - self.it_last)
+        row = dict(iter=iter_num, epoch=iter_num / self.iters_per_epoch, loss=loss, lr=lr, img_per_s=img_s,
+                   time=time.time() - self.t_start)
+        line = (f'iter {iter_num}/{self.max_iters} (epoch {row["epoch"]:.2f}) | loss {loss:.4f} | lr {lr:.2e} | '
+                f'{img_s:.1f} img/s | ETA {int(eta // 60)}m{int(eta % 60):02d}s')
+        self.loss_sum, self.bad, self.n, self.t_last, self.it_last = 0.0, 0.0, 0, time.time(), iter_num
+        return row, line
+
+def start_log(log_path, iter_num):
+    """A JSON-lines log; on resume keep the rows up to the checkpoint's iteration, drop what came after it."""
+    import json
+    old = open(log_path).readlines() if iter_num and os.path.isfile(log_path) else []
+    with open(log_path, 'w') as f:
+        f.writelines(line for line in old if json.loads(line)['iter'] <= iter_num)
+
+# checkpoints
 
 def save_checkpoint(ckpt, path):
     """Atomic: write a temporary file, then rename it over the old checkpoint."""
@@ -548,8 +678,8 @@ def save_checkpoint(ckpt, path):
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
 
-
 def load_checkpoint(path, map_location='cpu'):
+    """A nanoflow checkpoint dict; FileNotFoundError / ValueError with a one-line reason otherwise."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'no checkpoint at {path}')
     try:
@@ -560,58 +690,41 @@ def load_checkpoint(path, map_location='cpu'):
         raise ValueError(f'{path} is not a nanoflow checkpoint (no model_args / model)')
     return ckpt
 
-
-def load_flow_model(path, device='cpu', use_ema=True):
-    """The flow model of a checkpoint (EMA weights by default), rebuilt from model_args alone, in eval mode,
-    and the checkpoint. ValueError with a one-line reason for anything that is not a flow checkpoint."""
+def resume_checkpoint(path, expect):
+    """The checkpoint to continue from, or one line that says what to do; `expect` holds the model_args this
+    run's data and script require (channels, size, conditioning)."""
+    if not os.path.isfile(path):
+        die(f"init_from='resume' but there is no checkpoint at {path}: train with --init_from=scratch or set --out_dir")
     try:
         ckpt = load_checkpoint(path)
     except (FileNotFoundError, ValueError) as e:
-        raise ValueError(f'{e}: pass --out_dir=DIR of a training run or --ckpt=PATH') from None
+        die(f'{e}; start again with --init_from=scratch')
+    wrong = {k: (ckpt['model_args'].get(k), v) for k, v in expect.items() if ckpt['model_args'].get(k) != v}
+    if wrong:
+        diff = ', '.join(f'{k}={a!r} there, {b!r} here' for k, (a, b) in wrong.items())
+        die(f'{path} does not fit this run ({diff}): use the data and script of that run, or another --out_dir')
+    return ckpt
+
+def load_flow_model(path, device='cpu', use_ema=True):
+    """The flow model of a checkpoint (EMA weights by default), rebuilt from model_args alone, in eval mode,
+    and the checkpoint; one line and exit for anything that is not a flow checkpoint."""
+    try:
+        ckpt = load_checkpoint(path)
+    except (FileNotFoundError, ValueError) as e:
+        die(f'{e}: pass --out_dir=DIR of a training run or --ckpt=PATH')
     if not ckpt['model_args'].get('time_cond', True):
-        raise ValueError(f'{path} is a one-step denoiser (no time input), not a flow model: use a checkpoint of '
-                         f'train_flow_unet.py, train_class_cfg.py or train_dit.py')
+        die(f'{path} is a one-step denoiser (no time input), not a flow model: use a checkpoint of '
+            f'train_flow_unet.py, train_class_cfg.py or train_dit.py')
     model = build_model(ckpt['model_args'])
     model.load_state_dict(ckpt['ema'] if use_ema and ckpt.get('ema') else ckpt['model'])
     return model.to(device).eval(), ckpt
 
-
-def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), with Tr (S1 S2)^(1/2) = sum sqrt(eig(S1^(1/2) S2 S1^(1/2)))."""
-    mu1, mu2, sigma1, sigma2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, sigma1, sigma2))
-    w, U = np.linalg.eigh(sigma1)
-    sqrt1 = (U * np.sqrt(w.clip(min=0))) @ U.T
-    tr_covmean = np.sqrt(np.linalg.eigvalsh(sqrt1 @ sigma2 @ sqrt1).clip(min=0)).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
-
-
-def feature_stats(f):
-    """Mean and covariance of features [N, D] (the Gaussian that FID compares)."""
-    f = np.asarray(f, dtype=np.float64)
-    return f.mean(0), np.cov(f, rowvar=False)
-
-
-def resume_checkpoint(path, expect):
-    """The checkpoint to continue from, with one-line errors that say what to do; `expect` holds the
-    model_args this run's data and script require (channels, size, conditioning)."""
-    if not os.path.isfile(path):
-        raise ValueError(f"init_from='resume' but there is no checkpoint at {path}: train with --init_from=scratch or set --out_dir")
-    try:
-        ckpt = load_checkpoint(path)
-    except (FileNotFoundError, ValueError) as e:
-        raise ValueError(f'{e}; start again with --init_from=scratch') from None
-    wrong = {k: (ckpt['model_args'].get(k), v) for k, v in expect.items() if ckpt['model_args'].get(k) != v}
-    if wrong:
-        diff = ', '.join(f'{k}={a!r} there, {b!r} here' for k, (a, b) in wrong.items())
-        raise ValueError(f'{path} does not fit this run ({diff}): use the data and script of that run, or another --out_dir')
-    return ckpt
-
+# figures
 
 def save_grid(x, path, nrow):
     """Images in [-1, 1] -> one PNG grid."""
     from torchvision.utils import save_image
     save_image((x.float().clamp(-1, 1) + 1) / 2, path, nrow=nrow, padding=2, pad_value=1.0)
-
 
 def plot_loss(iters, losses, path, title='training loss'):
     import matplotlib
@@ -629,192 +742,6 @@ def plot_loss(iters, losses, path, title='training loss'):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def plot_loss_vs_t(t, loss, path, bins=20):
-    """Mean per-sample loss in equal-width bins of t; returns (bin centres, means, counts)."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    idx = (t.clamp(0, 1 - 1e-6) * bins).long()
-    counts = torch.bincount(idx, minlength=bins)
-    means = torch.bincount(idx, weights=loss.double(), minlength=bins) / counts.clamp(min=1)
-    centres = (torch.arange(bins) + 0.5) / bins
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ok = counts > 0
-    ax.plot(centres[ok], means[ok], 'o-')
-    ax.set(xlabel='t  (0 = data, 1 = noise)', ylabel='mean loss', title=f'loss versus t ({len(t)} samples)')
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return centres, means, counts
-
-
-# -----------------------------------------------------------------------------
-# training plumbing shared by the train_*.py scripts
-
-
-DATASETS = ('mnist', 'fashion_mnist', 'cifar10', 'folder')
-
-
-def die(msg):
-    """How every script reports bad input: one line on stderr, exit code 1, no traceback."""
-    print(f'error: {msg}', file=sys.stderr)
-    sys.exit(1)
-
-
-def check_choices(**settings):
-    """settings: name=(value, allowed values); dies naming the first value that is not allowed."""
-    for key, (value, choices) in settings.items():
-        if value not in choices:
-            die(f"unknown {key} {value!r}: choose one of {', '.join(choices)}")
-
-
-def setup_distributed(device, batch_size):
-    """Processes from torchrun's RANK / LOCAL_RANK / WORLD_SIZE (one process without them) and the device.
-    Returns (ddp, rank, local_rank, world_size, device); the process group uses NCCL on GPU, gloo on CPU."""
-    import torch.distributed as dist
-    ddp = 'RANK' in os.environ
-    rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')) if ddp else (0, 0, 1)
-    if batch_size % world_size:
-        raise ValueError(f'batch_size {batch_size} is not divisible by {world_size} processes: use a multiple of {world_size}')
-    if device == 'auto':
-        device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if device == 'cuda' and not torch.cuda.is_available():
-        raise ValueError('device=cuda but no GPU is visible: use --device=cpu (or auto)')
-    if ddp:
-        if device == 'cuda':
-            device = f'cuda:{local_rank}'
-            torch.cuda.set_device(device)
-        dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
-    return ddp, rank, local_rank, world_size, device
-
-
-def load_or_die(dataset, data_dir, train=True, image_size=32, download=False, hint=''):
-    """load_dataset, or one line on stderr and exit 1: the reason, then `hint` (what to do about it)."""
-    try:
-        return load_dataset(dataset, data_dir, train=train, image_size=image_size, download=download)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        die(f'{e}{hint}')
-
-
-def load_training_set(dataset, data_dir, image_size, download, ddp, master):
-    """The training set on every process; under DDP rank 0 loads (and downloads) first. Dies with one line on error."""
-    import torch.distributed as dist
-    if ddp and not master:
-        dist.barrier()  # rank 0 downloads first
-    x, y = load_or_die(dataset, data_dir, True, image_size, download and master)
-    if ddp and master:
-        dist.barrier()
-    return x, y
-
-
-class Batches:
-    """Batch number `it` of a run over in-memory uint8 images: the order depends only on (seed, epoch),
-    through a DistributedSampler share per process, so a resumed run sees exactly the same batches."""
-
-    def __init__(self, x, y, batch_size, world_size=1, rank=0, seed=0, size=None, hflip=False, device='cpu'):
-        from torch.utils.data.distributed import DistributedSampler
-        self.x, self.y, self.B, self.size, self.hflip, self.device = x, y, batch_size // world_size, size, hflip, device
-        self.sampler = DistributedSampler(x, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.iters_per_epoch = len(self.sampler) // self.B
-        self.epoch, self.order = None, None
-
-    def get(self, it):
-        epoch, i = divmod(it, self.iters_per_epoch)
-        if epoch != self.epoch:
-            self.sampler.set_epoch(epoch)
-            self.epoch, self.order = epoch, torch.tensor(list(self.sampler))
-        idx = self.order[i * self.B:(i + 1) * self.B]
-        x = resize(to_model_range(self.x[idx]), self.size)
-        if self.hflip:
-            x = torch.where(torch.rand(self.B, 1, 1, 1) < 0.5, x.flip(3), x)
-        return x.to(self.device), self.y[idx].to(self.device)
-
-
-def resize(x, size):
-    return x if size is None or x.shape[-1] == size else F.interpolate(x, size=(size, size), mode='bilinear', antialias=True)
-
-
-def cosine_lr(it, lr, min_lr, warmup_iters, decay_iters):
-    """Linear warm-up to lr, then cosine decay to min_lr at decay_iters (decay_iters < 0: constant lr)."""
-    if it < warmup_iters:
-        return lr * (it + 1) / (warmup_iters + 1)
-    if decay_iters < 0:
-        return lr
-    if it >= decay_iters:
-        return min_lr
-    ratio = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
-    return min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (lr - min_lr)
-
-
-def rng_states(ddp, world_size):
-    """Every process's RNG state (gathered to each process), so a resumed DDP run draws the same noise."""
-    state = {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    if not ddp:
-        return [state]
-    import torch.distributed as dist
-    states = [None] * world_size
-    dist.all_gather_object(states, state)
-    return states
-
-
-def set_rng_states(states, rank, world_size, fallback_seed):
-    """Restore this process's RNG state; returns False (and reseeds) when the process count changed."""
-    if len(states) != world_size:
-        torch.manual_seed(fallback_seed)
-        return False
-    torch.set_rng_state(states[rank]['cpu'])
-    if states[rank]['cuda'] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states[rank]['cuda'])
-    return True
-
-
-def mean_over_processes(x, ddp, world_size):
-    """The same scalar on every process: the mean of x over processes."""
-    x = x.detach().float().clone()
-    if ddp:
-        import torch.distributed as dist
-        dist.all_reduce(x)  # a sum: gloo has no AVG
-        x /= world_size
-    return x.item()
-
-
-def start_log(log_path, iter_num):
-    """A JSON-lines log; on resume keep the rows up to the checkpoint's iteration, drop what came after it."""
-    import json
-    old = open(log_path).readlines() if iter_num and os.path.isfile(log_path) else []
-    with open(log_path, 'w') as f:
-        f.writelines(line for line in old if json.loads(line)['iter'] <= iter_num)
-
-
-class Progress:
-    """Mean loss, images/s and ETA since the last report; `pause()` after sampling or checkpointing keeps
-    that work out of the speed."""
-
-    def __init__(self, iter_num, max_iters, batch_size, iters_per_epoch):
-        self.max_iters, self.batch_size, self.iters_per_epoch = max_iters, batch_size, iters_per_epoch
-        self.t_start = time.time()
-        self.loss_sum, self.n, self.t_last, self.it_last = 0.0, 0, time.time(), iter_num
-
-    def add(self, loss):
-        self.loss_sum, self.n = self.loss_sum + loss, self.n + 1
-
-    def pause(self):
-        self.t_last = time.time()
-
-    def report(self, iter_num, lr):
-        dt = time.time() - self.t_last
-        img_s = (iter_num - self.it_last) * self.batch_size / dt
-        eta = (self.max_iters - iter_num) * dt / max(1, iter_num - self.it_last)
-        row = dict(iter=iter_num, epoch=iter_num / self.iters_per_epoch, loss=self.loss_sum / max(1, self.n), lr=lr,
-                   img_per_s=img_s, time=time.time() - self.t_start)
-        line = (f'iter {iter_num}/{self.max_iters} (epoch {row["epoch"]:.2f}) | loss {row["loss"]:.4f} | lr {lr:.2e} | '
-                f'{img_s:.1f} img/s | ETA {int(eta // 60)}m{int(eta % 60):02d}s')
-        self.loss_sum, self.n, self.t_last, self.it_last = 0.0, 0, time.time(), iter_num
-        return row, line
-
 
 def save_labelled_grid(rows, path, row_labels, title='', col_labels=None):
     """rows: [R, K, C, H, W] images in [-1, 1] -> one figure, a labelled row per entry of rows."""

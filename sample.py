@@ -53,10 +53,7 @@ if save_npz and num_samples < 1:
     die('--save_npz needs --num_samples=N (N >= 1)')
 device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
 ckpt_path = ckpt or os.path.join(out_dir, 'ckpt.pt')
-try:
-    model, _ = load_flow_model(ckpt_path, device, use_ema)
-except ValueError as e:
-    die(e)
+model, _ = load_flow_model(ckpt_path, device, use_ema)
 num_classes = model.num_classes
 conditional = num_classes > 0
 if not conditional and any(a.startswith('--cfg=') for a in sys.argv[1:]):

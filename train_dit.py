@@ -9,20 +9,17 @@ Writes under out_dir: ckpt.pt, log.jsonl, loss.png, loss_vs_t.png, samples_<iter
 """
 import copy
 import json
-import math
 import os
 import shutil
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import (Batches, DATASETS, DiT_Llama, Progress, RectifiedFlow, check_choices, cosine_lr, die,
-                   load_training_set, mean_over_processes, plot_loss, plot_loss_vs_t, resume_checkpoint,
-                   rng_states, sample, save_checkpoint, save_grid, set_rng_states, setup_distributed, start_log,
-                   update_ema)
+                   load_training_set, plot_loss, resume_checkpoint, rng_states, sample, save_checkpoint, save_grid,
+                   set_rng_states, setup_distributed, setup_precision, start_log, update_ema)
 
 # -----------------------------------------------------------------------------
 # default config: MNIST; config/dit_cifar10.py holds the CIFAR-10 preset
@@ -30,7 +27,7 @@ from model import (Batches, DATASETS, DiT_Llama, Progress, RectifiedFlow, check_
 out_dir = 'out/dit_mnist'
 data_dir = 'data'
 dataset = 'mnist'  # mnist | fashion_mnist | cifar10 | folder (data_dir/<class>/<image>)
-image_size = 32  # only for dataset=folder
+image_size = 0  # resize every image to image_size x image_size (0: as stored; a folder: 32)
 download = True
 init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
 log_interval = 50
@@ -79,22 +76,18 @@ check_choices(dataset=(dataset, DATASETS), dtype=(dtype, ('bfloat16', 'float32')
               t_sampling=(t_sampling, ('logit_normal', 'uniform', 'mode')))
 
 # processes and devices: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE
-try:
-    ddp, rank, local_rank, world_size, device = setup_distributed(device, batch_size)
-except ValueError as e:
-    die(e)
+ddp, rank, local_rank, world_size, device = setup_distributed(device, batch_size)
 master = rank == 0
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-torch.manual_seed(seed + rank)
-torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-ctx = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
 log = print if master else (lambda *a, **k: None)
+ctx, dtype = setup_precision(device, dtype, log)  # TF32 on GPUs; bf16 autocast where the device has it
+torch.manual_seed(seed + rank)
 
-# data: the whole set as uint8 in memory; each process reads its DistributedSampler share
-x_all, y_all = load_training_set(dataset, data_dir, image_size, download, ddp, master)
+# data: the whole set as uint8 on the device; each process reads its DistributedSampler share
+x_all, y_all = load_training_set(dataset, data_dir, image_size, download, ddp, local_rank, device)
 C, H, W = x_all.shape[1:]
 num_classes = int(y_all.max()) + 1
-batches = Batches(x_all, y_all, batch_size, world_size, rank, seed, hflip=hflip, device=device)
+batches = Batches(x_all, y_all, batch_size, world_size, rank, seed, hflip=hflip)
 iters_per_epoch = batches.iters_per_epoch
 if iters_per_epoch == 0:
     die(f'{len(x_all)} images are fewer than one batch of {batch_size}: lower --batch_size')
@@ -107,30 +100,25 @@ model_args = dict(in_channels=C, input_size=H, patch_size=patch_size, dim=dim, n
                   num_classes=num_classes, p_uncond=p_uncond, qk_norm=qk_norm, stem_channels=stem_channels)
 iter_num, ckpt = 0, None
 if init_from == 'resume':
-    try:
-        ckpt = resume_checkpoint(ckpt_path, dict(in_channels=C, input_size=H))
-    except ValueError as e:
-        die(e)
+    ckpt = resume_checkpoint(ckpt_path, dict(in_channels=C, input_size=H))
     model_args, iter_num = ckpt['model_args'], ckpt['iter_num']
 if H != W or H % model_args['patch_size']:
     die(f'images are {H}x{W}: they must be square with a side divisible by patch_size {model_args["patch_size"]}')
-try:
-    model = DiT_Llama(**model_args, sdpa=attention == 'sdpa' or attention == 'auto' and device_type == 'cuda').to(device)
-except AssertionError as e:
-    die(e)
+if model_args['dim'] % model_args['n_heads'] or model_args['dim'] // model_args['n_heads'] % 4:
+    die(f'dim {model_args["dim"]} / n_heads {model_args["n_heads"]} must be a whole multiple of 4 (2D RoPE)')
+model = DiT_Llama(**model_args, sdpa=attention == 'sdpa' or attention == 'auto' and device_type == 'cuda').to(device)
 ema = copy.deepcopy(model).eval().requires_grad_(False)
 optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay)
 if ckpt is not None:
     model.load_state_dict(ckpt['model'])
     ema.load_state_dict(ckpt['ema'])
     optimizer.load_state_dict(ckpt['optimizer'])
-    if not set_rng_states(ckpt['rng'], rank, world_size, seed + rank + iter_num):
-        log(f'note: checkpoint has RNG states for {len(ckpt["rng"])} processes, not {world_size}; reseeding')
+    set_rng_states(ckpt['rng'], rank, world_size, seed + rank + iter_num)
     del ckpt
 n_params = sum(p.numel() for p in model.parameters())
 train_model = torch.compile(model) if compile else model
 if ddp:
-    train_model = DDP(train_model, device_ids=[local_rank] if device_type == 'cuda' else None)
+    train_model = DDP(train_model, device_ids=[local_rank] if device_type == 'cuda' else None, broadcast_buffers=False)
 flow = RectifiedFlow(t_sampling)
 
 
@@ -146,12 +134,30 @@ def write_samples(path):
     save_grid(x, path, nrow=8)
 
 
+def plot_loss_vs_t(t, loss, path, bins=20):
+    """Mean per-sample loss in equal-width bins of t."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    idx = (t.clamp(0, 1 - 1e-6) * bins).long()
+    counts = torch.bincount(idx, minlength=bins)
+    means = torch.bincount(idx, weights=loss.double(), minlength=bins) / counts.clamp(min=1)
+    centres = (torch.arange(bins) + 0.5) / bins
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(centres[counts > 0], means[counts > 0], 'o-')
+    ax.set(xlabel='t  (0 = data, 1 = noise)', ylabel='mean loss', title=f'loss versus t ({len(t)} samples)')
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def write_plots():
     rows = [json.loads(line) for line in open(log_path)]
     plot_loss([r['iter'] for r in rows], [r['loss'] for r in rows], os.path.join(out_dir, 'loss.png'),
               title=f'DiT-LLaMA rectified flow on {dataset}')
     if t_seen:
-        plot_loss_vs_t(torch.cat(t_seen), torch.cat(loss_seen), os.path.join(out_dir, 'loss_vs_t.png'))
+        plot_loss_vs_t(torch.cat(t_seen).cpu(), torch.cat(loss_seen).cpu(), os.path.join(out_dir, 'loss_vs_t.png'))
 
 
 log_path = os.path.join(out_dir, 'log.jsonl')
@@ -163,8 +169,8 @@ log(f'DiT-LLaMA {n_params / 1e6:.2f}M params | {dataset} {len(x_all)} images {C}
     f'iters {iter_num} -> {max_iters}', flush=True)
 
 # training loop
-t_seen, loss_seen = [], []  # per-sample (t, loss) of the recent iterations, for the loss-versus-t plot
-progress = Progress(iter_num, max_iters, batch_size, iters_per_epoch)
+t_seen, loss_seen = [], []  # per-sample (t, loss) of the last 200 iterations, kept on the device, for loss_vs_t.png
+progress = Progress(iter_num, max_iters, batch_size, iters_per_epoch, ddp, world_size, ckpt_path)
 train_model.train()
 while iter_num < max_iters:
     lr = cosine_lr(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters or max_iters)
@@ -175,18 +181,14 @@ while iter_num < max_iters:
         loss, (t, per_sample) = flow.loss(train_model, x0, y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    loss_all = mean_over_processes(loss, ddp, world_size)  # the same on every process, so all stop together
-    if not math.isfinite(loss_all):
-        die(f'loss is {loss_all} at iter {iter_num}; stopped without writing, the last good checkpoint '
-            f'({ckpt_path}) is untouched. Lower --learning_rate or use --dtype=float32, then --init_from=resume')
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     update_ema(ema, model, min(ema_decay, (1 + iter_num) / (10 + iter_num)))  # short EMA memory early on
     iter_num += 1
-    progress.add(loss_all)
+    progress.add(loss, grad_norm)  # summed on the device: read (and checked for NaN) only at log and checkpoint time
     if master:
-        t_seen.append(t.cpu())
-        loss_seen.append(per_sample.cpu())
+        t_seen.append(t)
+        loss_seen.append(per_sample)
         del t_seen[:-200], loss_seen[:-200]
 
     if iter_num % log_interval == 0 or iter_num == max_iters:
@@ -199,6 +201,7 @@ while iter_num < max_iters:
         write_samples(os.path.join(out_dir, f'samples_{iter_num:06d}.png'))
         progress.pause()
     if iter_num % ckpt_interval == 0 or iter_num == max_iters:
+        progress.check(iter_num)  # a NaN since the last report stops the run here, before the checkpoint
         rng = rng_states(ddp, world_size)
         if master:
             save_checkpoint(dict(model_args=model_args, model=model.state_dict(), ema=ema.state_dict(),

@@ -9,25 +9,23 @@ samples_epochNN.png after each epoch in sample_epochs (8x8 grid from noise) and 
 """
 import copy
 import json
-import math
 import os
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import (Batches, DATASETS, Progress, RectifiedFlow, UNet, check_choices, cosine_lr, die,
-                   load_training_set, mean_over_processes, plot_loss, resume_checkpoint, rng_states, sample,
-                   save_checkpoint, save_grid, set_rng_states, setup_distributed, start_log, update_ema)
+                   load_training_set, plot_loss, resume_checkpoint, rng_states, sample, save_checkpoint, save_grid,
+                   set_rng_states, setup_distributed, setup_precision, start_log, update_ema)
 
 # -----------------------------------------------------------------------------
 # I/O
 out_dir = 'out/flow_unet'
 data_dir = 'data'
 dataset = 'mnist'  # mnist | fashion_mnist | cifar10 | folder
-image_size = 32  # every dataset is resized to image_size x image_size
+image_size = 32  # resize every image to image_size x image_size (0: as stored; a folder: 32)
 download = True
 init_from = 'scratch'  # 'scratch' or 'resume'
 log_interval = 50
@@ -42,6 +40,8 @@ min_lr = 1e-4
 warmup_iters = 200
 lr_decay_iters = 0  # 0: max_iters, -1: constant lr
 weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.99
 grad_clip = 1.0
 ema_decay = 0.999
 seed = 1337
@@ -65,42 +65,36 @@ config = {k: globals()[k] for k in _config_keys}
 check_choices(dataset=(dataset, DATASETS), dtype=(dtype, ('bfloat16', 'float32')),
               device=(device, ('auto', 'cpu', 'cuda')), init_from=(init_from, ('scratch', 'resume')),
               t_sampling=(t_sampling, ('logit_normal', 'uniform', 'mode')))
-try:
-    ddp, rank, local_rank, world_size, device = setup_distributed(device, batch_size)
-except ValueError as e:
-    die(e)
+ddp, rank, local_rank, world_size, device = setup_distributed(device, batch_size)
 master, device_type = rank == 0, ('cuda' if device.startswith('cuda') else 'cpu')
-torch.manual_seed(seed + rank)
-ctx = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
-memory_format = torch.channels_last if channels_last else torch.contiguous_format
 log = print if master else (lambda *a, **k: None)
+ctx, dtype = setup_precision(device, dtype, log)  # TF32 on GPUs; bf16 autocast where the device has it
+torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest convolutions
+torch.manual_seed(seed + rank)
+memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
 # data: resized to image_size, in [-1, 1]
-x_all, y_all = load_training_set(dataset, data_dir, image_size, download, ddp, master)
-C = x_all.shape[1]
-batches = Batches(x_all, y_all, batch_size, world_size, rank, seed, size=image_size, device=device)
+x_all, y_all = load_training_set(dataset, data_dir, image_size, download, ddp, local_rank, device)
+C, S = x_all.shape[1], x_all.shape[-1]
+batches = Batches(x_all, y_all, batch_size, world_size, rank, seed)
 iters_per_epoch = batches.iters_per_epoch
 if iters_per_epoch == 0:
     die(f'{len(x_all)} images are fewer than one batch of {batch_size}: lower --batch_size')
 max_iters = max_iters or epochs * iters_per_epoch
-if image_size % 2 ** (len(channel_mult) - 1):
-    die(f'image_size {image_size} must be divisible by {2 ** (len(channel_mult) - 1)} for channel_mult {channel_mult}')
+if S % 2 ** (len(channel_mult) - 1):
+    die(f'image_size {S} must be divisible by {2 ** (len(channel_mult) - 1)} for channel_mult {channel_mult}')
 
 # model: a UNet conditioned on t only
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-model_args = dict(in_channels=C, input_size=image_size, base_channels=base_channels, channel_mult=tuple(channel_mult), n_res=n_res,
+model_args = dict(in_channels=C, input_size=S, base_channels=base_channels, channel_mult=tuple(channel_mult), n_res=n_res,
                   time_cond=True, num_classes=0)
 iter_num, ckpt = 0, None
 if init_from == 'resume':
-    try:
-        expect = dict(in_channels=C, input_size=image_size, time_cond=True, num_classes=0)
-        ckpt = resume_checkpoint(ckpt_path, expect)
-    except ValueError as e:
-        die(e)
+    ckpt = resume_checkpoint(ckpt_path, dict(in_channels=C, input_size=S, time_cond=True, num_classes=0))
     model_args, iter_num = ckpt['model_args'], ckpt['iter_num']
 model = UNet(**model_args).to(device, memory_format=memory_format)
 ema = copy.deepcopy(model).eval().requires_grad_(False)
-optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay)
 if ckpt is not None:
     model.load_state_dict(ckpt['model'])
     ema.load_state_dict(ckpt['ema'])
@@ -109,17 +103,23 @@ if ckpt is not None:
     del ckpt
 train_model = torch.compile(model) if compile else model
 if ddp:
-    train_model = DDP(train_model, device_ids=[local_rank] if device_type == 'cuda' else None)
+    train_model = DDP(train_model, device_ids=[local_rank] if device_type == 'cuda' else None, broadcast_buffers=False)
 flow = RectifiedFlow(t_sampling)
 
 
 @torch.no_grad()
 def write_samples(path):
     """An 8x8 grid from fixed noise (the same noise every time, so grids compare across epochs)."""
-    z = torch.randn(64, C, image_size, image_size, generator=torch.Generator().manual_seed(seed)).to(device)
+    z = torch.randn(64, C, S, S, generator=torch.Generator().manual_seed(seed)).to(device)
     with ctx:
         x = sample(ema, z.contiguous(memory_format=memory_format), steps=sample_steps)
     save_grid(x, path, nrow=8)
+
+
+def write_plot():
+    rows = [json.loads(line) for line in open(log_path)]
+    plot_loss([r['iter'] for r in rows], [r['loss'] for r in rows], os.path.join(out_dir, 'loss.png'),
+              title=f'flow-matching UNet on {dataset}')
 
 
 log_path = os.path.join(out_dir, 'log.jsonl')
@@ -127,10 +127,10 @@ if master:
     os.makedirs(out_dir, exist_ok=True)
     start_log(log_path, iter_num)
 log(f'flow UNet {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | {dataset} {len(x_all)} images at '
-    f'{C}x{image_size}x{image_size} | {world_size} process(es) on {device}, {dtype} | batch {batch_size}, '
+    f'{C}x{S}x{S} | {world_size} process(es) on {device}, {dtype} | batch {batch_size}, '
     f'{iters_per_epoch} iters/epoch, iters {iter_num} -> {max_iters}', flush=True)
 
-progress = Progress(iter_num, max_iters, batch_size, iters_per_epoch)
+progress = Progress(iter_num, max_iters, batch_size, iters_per_epoch, ddp, world_size, ckpt_path)
 train_model.train()
 while iter_num < max_iters:
     lr = cosine_lr(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters or max_iters)
@@ -141,15 +141,11 @@ while iter_num < max_iters:
         loss, _ = flow.loss(train_model, x0.contiguous(memory_format=memory_format))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    loss_all = mean_over_processes(loss, ddp, world_size)
-    if not math.isfinite(loss_all):
-        die(f'loss is {loss_all} at iter {iter_num}; stopped without writing, the last good checkpoint '
-            f'({ckpt_path}) is untouched. Lower --learning_rate or use --dtype=float32, then --init_from=resume')
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
-    update_ema(ema, model, min(ema_decay, (1 + iter_num) / (10 + iter_num)))
+    update_ema(ema, model, min(ema_decay, (1 + iter_num) / (10 + iter_num)))  # short EMA memory early on
     iter_num += 1
-    progress.add(loss_all)
+    progress.add(loss, grad_norm)  # summed on the device: read (and checked for NaN) only at log and checkpoint time
 
     if iter_num % log_interval == 0 or iter_num == max_iters:
         row, line = progress.report(iter_num, lr)
@@ -162,17 +158,17 @@ while iter_num < max_iters:
         write_samples(os.path.join(out_dir, f'samples_epoch{iter_num // iters_per_epoch:02d}.png'))
         progress.pause()
     if iter_num % ckpt_interval == 0 or iter_num == max_iters:
+        progress.check(iter_num)  # a NaN since the last report stops the run here, before the checkpoint
         rng = rng_states(ddp, world_size)
         if master:
             save_checkpoint(dict(model_args=model_args, model=model.state_dict(), ema=ema.state_dict(),
                                  optimizer=optimizer.state_dict(), iter_num=iter_num, epoch=iter_num // iters_per_epoch,
                                  config=config, rng=rng), ckpt_path)
+            write_plot()
         progress.pause()
 
 if master:
-    rows = [json.loads(line) for line in open(log_path)]
-    plot_loss([r['iter'] for r in rows], [r['loss'] for r in rows], os.path.join(out_dir, 'loss.png'),
-              title=f'flow-matching UNet on {dataset}')
+    write_plot()
     write_samples(os.path.join(out_dir, 'samples.png'))
     log(f'done: {iter_num} iters in {(time.time() - progress.t_start) / 60:.1f} min; outputs in {out_dir}', flush=True)
 if ddp:

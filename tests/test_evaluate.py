@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import run
-from model import feature_stats, frechet_distance
+from evaluate import feature_stats, frechet_distance
 
 
 def sqrtm_psd(a):

@@ -40,6 +40,9 @@ ideal_p = (3, 7, 11, 15)  # patch sizes
 ideal_machines = 'IS,LS,ELS,bbELS'
 ideal_dtype = 'float32'  # the dot products: float32 | bfloat16
 curves = ''  # 'out/a,out/b': instead of timing, overlay the loss curves of train_dit.py runs (e.g. fp32 vs bf16)
+minrf_dir = ''  # a checkout of cloneofsimo/minRF (kept outside this repo): instead, its DiT beside ours at its MNIST size
+minrf_variants = 'default,fp32,bf16,fp32_sdpa,fp32_math,bf16_sdpa,bf16_math,default_compile'  # ours; default = train_dit.py's
+rounds = 5  # --minrf_dir: alternating timed rounds per implementation (the median is reported)
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
@@ -190,8 +193,110 @@ def bench_ideal():
         json.dump(dict(ideal=rows, dtype=ideal_dtype, threads=torch.get_num_threads()), f, indent=1)
 
 
+def script_defaults(script):
+    """The literal config globals of one of our scripts (read, not restated, so the bench follows the script)."""
+    import ast
+    tree = ast.parse(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), script)).read())
+    return {n.targets[0].id: ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
+            and isinstance(n.targets[0], ast.Name) and isinstance(n.value, ast.Constant)}
+
+
+def bench_minrf():
+    """minRF's DiT_Llama + RF (its MNIST size: dim 64, 6 layers, 4 heads, patch 2, 1x32x32, Adam 5e-4, fp32 eager,
+    as shipped) against ours at the same size and batch, in one process, timed in alternating rounds.
+    Training: one optimizer step per batch (ours with its grad clipping and EMA update, as train_dit.py does).
+    Sampling: one Euler step with CFG (2 NFE per image: minRF runs two forwards, ours one doubled batch)."""
+    import copy
+    import sys
+    from model import guided_velocity, update_ema, use_sdpa
+    sys.path.insert(0, os.path.abspath(minrf_dir))
+    try:
+        from dit import DiT_Llama as MinRFDiT
+        from rf import RF
+    except ImportError as e:
+        raise SystemExit(f'error: no minRF checkout at {minrf_dir} (dit.py, rf.py): {e}')
+    B, d = batch_size or 128, script_defaults('train_dit.py')
+    x0, y = torch.randn(B, 1, 32, 32, device=device), torch.randint(0, 10, (B,), device=device)
+    null = torch.full_like(y, 10)
+
+    def minrf():
+        model = MinRFDiT(1, 32, dim=64, n_layers=6, n_heads=4, num_classes=10).to(device)
+        emb = model.y_embedder  # its label dropout moves the mask to CUDA unconditionally: the same draw on our device
+        emb.token_drop = lambda labels, force_drop_ids=None: torch.where(
+            torch.rand(labels.shape[0], device=labels.device) < emb.dropout_prob, emb.num_classes, labels)
+        rf, opt = RF(model), torch.optim.Adam(model.parameters(), lr=5e-4)
+
+        def train():
+            loss, _ = rf.forward(x0, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        @torch.no_grad()
+        def sample_step():
+            vc, vu = model(x0, torch.full((B,), 0.5, device=device), y), model(x0, torch.full((B,), 0.5, device=device), null)
+            return x0 - 0.02 * (vu + 2.0 * (vc - vu))
+        return train, sample_step, sum(p.numel() for p in model.parameters())
+
+    def ours(variant):
+        dtype = {'fp32': 'float32', 'bf16': 'bfloat16'}.get(variant.split('_')[0], d['dtype'])
+        attention = variant.split('_')[1] if variant.count('_') and variant.split('_')[1] in ('sdpa', 'math') else d['attention']
+        use_compile = variant.endswith('compile') or (variant.startswith('default') and d['compile'])
+        model = DiT_Llama(1, 32, 2, 64, 6, 4, 10, sdpa=use_sdpa(attention, device_type, dtype)).to(device)
+        ema = copy.deepcopy(model).requires_grad_(False)
+        torch._dynamo.reset()
+        run_model = torch.compile(model, dynamic=False) if use_compile else model
+        ctx = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
+        opt = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(d['beta1'], d['beta2']), fused=True)
+        flow = RectifiedFlow()
+
+        def train():
+            with ctx:
+                loss, _ = flow.loss(run_model, x0, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), d['grad_clip'])
+            opt.step()
+            update_ema(ema, model, 0.999)
+
+        @torch.no_grad()
+        def sample_step():
+            run_model.eval()
+            with ctx:
+                return x0 - 0.02 * guided_velocity(run_model, x0, 0.5, y, 2.0)
+        return train, sample_step, sum(p.numel() for p in model.parameters())
+
+    impls = {'minRF': minrf(), **{v: ours(v) for v in minrf_variants.split(',')}}
+    times = {k: ([], []) for k in impls}
+    for train, sample_step, _ in impls.values():  # warm-up (and compile) outside the timing
+        for _ in range(warmup):
+            train()
+            sample_step()
+    for _ in range(rounds):
+        for k, (train, sample_step, _) in impls.items():
+            times[k][0].append(timed(train, iters))
+            times[k][1].append(timed(sample_step, iters))
+    med = lambda xs: sorted(xs)[len(xs) // 2]
+    rows = [dict(impl=k, params=impls[k][2], batch=B, train_img_s=B / med(times[k][0]), sample_img_s_per_cfg_step=B / med(times[k][1]))
+            for k in impls]
+    base_t, base_s = rows[0]['train_img_s'], rows[0]['sample_img_s_per_cfg_step']
+    print(f'minRF vs nanoflow at dim 64, 6 layers, 4 heads, patch 2, 1x32x32, batch {B}, {torch.get_num_threads()} threads '
+          f'on {device}; median of {rounds} alternating rounds of {iters} steps; train_dit.py defaults: dtype '
+          f'{d["dtype"]}, attention {d["attention"]}, compile {d["compile"]}')
+    print(f'{"implementation":<18} {"params":>8} {"train img/s":>11} {"vs minRF":>8} {"sample img/s/step":>17} {"vs minRF":>8}')
+    for r in rows:
+        r['train_vs_minrf'], r['sample_vs_minrf'] = r['train_img_s'] / base_t, r['sample_img_s_per_cfg_step'] / base_s
+        print(f'{r["impl"]:<18} {r["params"]:>8} {r["train_img_s"]:>11.1f} {r["train_vs_minrf"]:>7.2f}x '
+              f'{r["sample_img_s_per_cfg_step"]:>17.1f} {r["sample_vs_minrf"]:>7.2f}x', flush=True)
+    with open(out_json, 'w') as f:
+        json.dump(dict(device=device, threads=torch.get_num_threads(), minrf=rows), f, indent=1)
+
+
 if curves:
     compare_curves(curves.split(','))
+    raise SystemExit
+if minrf_dir:
+    bench_minrf()
     raise SystemExit
 if ideal:
     bench_ideal()

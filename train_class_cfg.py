@@ -101,7 +101,8 @@ if init_from == 'resume':
     model_args, iter_num = ckpt['model_args'], ckpt['iter_num']
 model = UNet(**model_args).to(device, memory_format=memory_format)
 ema = copy.deepcopy(model).eval().requires_grad_(False)
-optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay)
+optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay,
+                              fused=True)  # one fused kernel for the whole update, on CPU and GPU
 if ckpt is not None:
     model.load_state_dict(ckpt['model'])
     ema.load_state_dict(ckpt['ema'])

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import (Batches, DATASETS, DiT_Llama, Progress, RectifiedFlow, check_choices, cosine_lr, die,
                    load_training_set, plot_loss, resume_checkpoint, rng_states, sample, save_checkpoint, save_grid,
-                   set_rng_states, setup_distributed, setup_precision, start_log, update_ema)
+                   set_rng_states, setup_distributed, setup_precision, start_log, update_ema, use_sdpa)
 
 # -----------------------------------------------------------------------------
 # default config: MNIST; config/dit_cifar10.py holds the CIFAR-10 preset
@@ -64,7 +64,7 @@ stem_channels = 32
 device = 'auto'  # auto | cpu | cuda
 dtype = 'bfloat16'  # bfloat16 (autocast) | float32
 compile = False
-attention = 'auto'  # sdpa | math (explicit softmax) | auto: sdpa on CUDA, math on CPU (faster there in bf16, see bench.py)
+attention = 'auto'  # sdpa | math (explicit softmax) | auto: sdpa on CUDA and for fp32, math for bf16 on CPU (bench.py)
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 config = {k: globals()[k] for k in _config_keys}
 # -----------------------------------------------------------------------------
@@ -106,9 +106,10 @@ if H != W or H % model_args['patch_size']:
     die(f'images are {H}x{W}: they must be square with a side divisible by patch_size {model_args["patch_size"]}')
 if model_args['dim'] % model_args['n_heads'] or model_args['dim'] // model_args['n_heads'] % 4:
     die(f'dim {model_args["dim"]} / n_heads {model_args["n_heads"]} must be a whole multiple of 4 (2D RoPE)')
-model = DiT_Llama(**model_args, sdpa=attention == 'sdpa' or attention == 'auto' and device_type == 'cuda').to(device)
+model = DiT_Llama(**model_args, sdpa=use_sdpa(attention, device_type, dtype)).to(device)
 ema = copy.deepcopy(model).eval().requires_grad_(False)
-optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay)
+optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay,
+                              fused=True)  # one fused kernel for the whole update, on CPU and GPU
 if ckpt is not None:
     model.load_state_dict(ckpt['model'])
     ema.load_state_dict(ckpt['ema'])

@@ -40,6 +40,10 @@ ideal_p = (3, 7, 11, 15)  # patch sizes
 ideal_machines = 'IS,LS,ELS,bbELS'
 ideal_dtype = 'float32'  # the dot products: float32 | bfloat16
 curves = ''  # 'out/a,out/b': instead of timing, overlay the loss curves of train_dit.py runs (e.g. fp32 vs bf16)
+config_domains = dict(  # each number's domain: a kind of configurator.py (count >= 1, count0 >= 0, ...) or a range
+    batch_size='count0', iters='count', warmup='count0', seed='seed', ideal_n='count', ideal_p='size')
+config_keys = [k for k, v in globals().items()  # the settings configurator.py may change, as nanoGPT declares them
+               if not k.startswith('_') and k.islower() and isinstance(v, (bool, int, float, str, tuple, list, type(None)))]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device

@@ -1,5 +1,5 @@
 """Configuration a person can discover and cannot break, on every script: --help, the domain of every number, config
-files with a typo or a syntax error. Most cases run in this process (runpy) to stay fast; a few run as a user
+files with a typo, a syntax error or a cfg. Most cases run in this process (runpy) to stay fast; a few run as a user
 does, in a fresh process."""
 import ast
 import os
@@ -7,9 +7,12 @@ import re
 import runpy
 import sys
 
+import numpy as np
 import pytest
+import torch
 
 from conftest import ROOT, run
+from model import UNet
 
 SCRIPTS = ['train_dit.py', 'train_flow_unet.py', 'train_class_cfg.py', 'train_denoiser.py', 'sample.py', 'evaluate.py',
            'ideal_machines.py', 'bench.py']
@@ -157,6 +160,7 @@ def test_help_of_train_dit_reads_as_documented(capsys, monkeypatch):
     assert lines[i - 1].split() == ['--ckpt_interval=1000', '[1,', '10000000]']
     assert '--ema_decay=0.999 [0, 1)' in ' '.join(out.split()) and '--learning_rate=0.0008 (0, 10]' in ' '.join(out.split())
     assert "--ckpt=''" in run_here('sample.py', ['-h'], capsys, monkeypatch)[1]
+    assert '--cfg=None' in run_here('sample.py', ['-h'], capsys, monkeypatch)[1]
 
 
 def test_one_line_errors_end_to_end(tmp_path):
@@ -178,4 +182,41 @@ def test_one_line_errors_end_to_end(tmp_path):
     p = run('train_dit.py', '--help', check=False)
     assert p.returncode == 0 and '  --n_layers=6' in p.stdout and p.stderr == ''
     assert os.listdir(out) == ['ckpt.pt'] and (out / 'ckpt.pt').read_bytes() == b'keep me'
+
+
+def tiny_checkpoint(path, num_classes):
+    torch.manual_seed(0)
+    args = dict(in_channels=1, input_size=8, base_channels=8, channel_mult=(1, 2), attn_levels=(), n_res=1,
+                num_classes=num_classes)
+    model = UNet(**args)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(dict(model_args=args, model=model.state_dict(), ema=model.state_dict(), config={'dataset': 'mnist'}), path)
+
+
+def test_cfg_in_a_config_file(tmp_path, capsys, monkeypatch):
+    uncond, cond = tmp_path / 'uncond', tmp_path / 'cond'
+    tiny_checkpoint(str(uncond / 'ckpt.pt'), 0)
+    tiny_checkpoint(str(cond / 'ckpt.pt'), 3)
+    (tmp_path / 'cfg2.py').write_text('cfg = 2.0\n')
+    (tmp_path / 'cfg0.py').write_text('cfg = 0\n')
+    for script in ('sample.py', 'evaluate.py'):  # an unconditional model refuses guidance from a config file
+        code, _, err = run_here(script, [str(tmp_path / 'cfg2.py'), f'--out_dir={uncond}'], capsys, monkeypatch)
+        assert code == 1 and err.count('\n') == 1 and 'is an unconditional model: guidance needs classes' in err, err
+    empty = tmp_path / 'no_data'  # evaluate.py without cfg gets past the check (and stops at the missing data)
+    code, _, err = run_here('evaluate.py', [f'--out_dir={uncond}', f'--data_dir={empty}', '--inception=off',
+                                            f'--classifier_path={tmp_path / "clf.pt"}'], capsys, monkeypatch)
+    assert code == 1 and err.startswith('error: mnist not found'), err
+    code, out, err = run_here('sample.py', [f'--out_dir={uncond}', '--steps=2', '--per_class=1'], capsys, monkeypatch)
+    assert code == 0 and 'euler 2 steps = 2 NFE' in out and os.path.isfile(uncond / 'samples_euler2.png'), err
+    common = [f'--out_dir={cond}', '--steps=2', '--per_class=1', '--num_samples=6', '--device=cpu']
+    npz = {}
+    for name, args in (('file0', [str(tmp_path / 'cfg0.py')]), ('flag0', ['--cfg=0']), ('default', []), ('flag2', ['--cfg=2.0'])):
+        code, out, err = run_here('sample.py', [*args, *common, f'--save_npz={tmp_path / name}.npz'], capsys, monkeypatch)
+        assert code == 0, err
+        npz[name] = np.load(tmp_path / f'{name}.npz')['arr_0']
+    assert np.array_equal(npz['file0'], npz['flag0']) and np.array_equal(npz['default'], npz['flag2'])
+    assert not np.array_equal(npz['file0'], npz['default'])  # the config file's cfg = 0 was used
+    assert os.path.isfile(cond / 'samples_euler2_cfg0.png') and os.path.isfile(cond / 'samples_euler2_cfg2.png')
+    code, _, err = run_here('evaluate.py', [f'--out_dir={cond}', '--runs=euler:2:-1'], capsys, monkeypatch)
+    assert code == 1 and err == 'error: cfg -1.0 in --runs: must be a number >= 0 (and <= 100)\n'
 

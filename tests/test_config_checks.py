@@ -87,13 +87,17 @@ def where(script, data, out):
 
 
 def run_here(script, args, capsys, monkeypatch):
-    """Run a script in this process as `python script *args`: (exit code, stdout, stderr)."""
+    """Run a script in this process as `python script *args`: (exit code, stdout, stderr). The torch state a script
+    sets at its start (grad mode, RNG) is restored after it, so the tests that follow see none of it."""
     monkeypatch.setattr(sys, 'argv', [os.path.join(ROOT, script), *args])
-    code = 0
+    code, grad = 0, torch.is_grad_enabled()
     try:
-        runpy.run_path(os.path.join(ROOT, script), run_name='__main__')
+        with torch.random.fork_rng(devices=[]):
+            runpy.run_path(os.path.join(ROOT, script), run_name='__main__')
     except SystemExit as e:
         code = e.code
+    finally:
+        torch.set_grad_enabled(grad)
     out, err = capsys.readouterr()
     return code, out, err
 

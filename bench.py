@@ -43,6 +43,10 @@ curves = ''  # 'out/a,out/b': instead of timing, overlay the loss curves of trai
 minrf_dir = ''  # a checkout of cloneofsimo/minRF (kept outside this repo): instead, its DiT beside ours at its MNIST size
 minrf_variants = 'default,fp32,bf16,fp32_sdpa,fp32_math,bf16_sdpa,bf16_math,default_compile'  # ours; default = train_dit.py's
 rounds = 5  # --minrf_dir: alternating timed rounds per implementation (the median is reported)
+config_domains = dict(  # each number's domain: a kind of configurator.py (count >= 1, count0 >= 0, ...) or a range
+    batch_size='count0', iters='count', rounds='count', warmup='count0', seed='seed', ideal_n='count', ideal_p='size')
+config_keys = [k for k, v in globals().items()  # the settings configurator.py may change, as nanoGPT declares them
+               if not k.startswith('_') and k.islower() and isinstance(v, (bool, int, float, str, tuple, list, type(None)))]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device

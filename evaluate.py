@@ -16,7 +16,6 @@ Writes out_json (default out_dir/eval.json) and prints one table.
 """
 import json
 import os
-import sys
 import time
 from contextlib import nullcontext
 
@@ -37,7 +36,7 @@ data_dir = 'data'
 num_samples = 1000
 solver = 'euler'
 steps = 50
-cfg = 2.0
+cfg = None  # guidance of the runs that name none; None: 2.0, or none at all for an unconditional model
 shift = 1.0
 runs = ''  # several settings in one table: 'solver:steps:cfg,...', e.g. 'euler:50:2,heun:10:2'
 batch_size = 500
@@ -52,6 +51,11 @@ inception_stats = ''  # '' = out/inception_stats_<dataset>_<num_ref>.npz (comput
 out_json = ''  # '' = out_dir/eval.json
 device = 'auto'
 dtype = 'bfloat16'  # bfloat16 (autocast) | float32
+config_domains = dict(  # each number's domain: a kind of configurator.py (count >= 1, count0 >= 0, ...) or a range
+    num_samples='count', steps='count', cfg='nonneg', shift='positive', batch_size='count', seed='seed',
+    classifier_epochs='count', num_ref='count')
+config_keys = [k for k, v in globals().items()  # the settings configurator.py may change, as nanoGPT declares them
+               if not k.startswith('_') and k.islower() and isinstance(v, (bool, int, float, str, tuple, list, type(None)))]
 if __name__ == '__main__':  # imported (by the tests), this file gives the metrics below and reads no argv
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
@@ -247,13 +251,15 @@ if __name__ == '__main__':
         die(f"unknown inception {inception!r}: choose one of auto, on, off")
 
     settings = parse_runs()
-    cfg_given = any(a.startswith('--cfg=') for a in sys.argv[1:]) or any(g is not None for _, _, g in settings)
-    settings = [(s, n, cfg if g is None else g) for s, n, g in settings]
-    for s, n, _ in settings:
+    cfg_given = cfg is not None or any(g is not None for _, _, g in settings)
+    settings = [(s, n, (2.0 if cfg is None else cfg) if g is None else g) for s, n, g in settings]
+    for s, n, g in settings:
         if s not in NFE_PER_STEP:
             die(f"unknown solver {s!r}: choose one of {', '.join(NFE_PER_STEP)}")
-        if n < 1:
-            die(f'steps must be at least 1, got {n}')
+        if not 1 <= n <= 10 ** 7:
+            die(f'steps must be at least 1 (and at most 10000000), got {n}')
+        if not 0 <= g <= 100:  # False for nan too
+            die(f'cfg {g!r} in --runs: must be a number >= 0 (and <= 100)')
 
     # what to evaluate: a model to sample, or a fixed set of samples
     model, num_classes = None, 0
@@ -276,7 +282,7 @@ if __name__ == '__main__':
         dataset = dataset or checkpoint.get('config', {}).get('dataset', 'mnist')
         num_classes = model.num_classes
         if not num_classes and cfg_given:
-            die(f'{ckpt_path} is an unconditional model: guidance needs classes, drop --cfg (and the cfg in --runs)')
+            die(f'{ckpt_path} is an unconditional model: guidance needs classes, drop cfg (--cfg, a config file, the cfg in --runs)')
         del checkpoint
 
     classifier = get_classifier() if dataset in MNIST_LIKE else None

@@ -209,6 +209,11 @@ if __name__ == '__main__':  # the experiment; importing this file gives only the
     chunk = 256  # training images per streamed chunk
     matmul_dtype = 'float32'  # float32 | bfloat16 (faster dot products, but on a CPU the logits come out in bf16: coarse at small t)
     seed = 0
+    config_domains = dict(  # each number's domain: a kind of configurator.py (count >= 1, count0 >= 0, ...) or a range
+        num_noises='count0', num_train='count0', patch_size='size', steps='count', calib_sizes='size', chunk='count',
+        seed='seed')
+    config_keys = [k for k, v in globals().items()  # the settings configurator.py may change, as nanoGPT declares them
+                   if not k.startswith('_') and k.islower() and isinstance(v, (bool, int, float, str, tuple, list, type(None)))]
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
     # -------------------------------------------------------------------------
     names = machines.split(',')

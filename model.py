@@ -530,12 +530,29 @@ def _cifar10(data_dir, train, download):
     return torch.cat(xs), torch.cat(ys)
 
 def _image_folder(data_dir, image_size):
+    """[N, 1, S, S] when every image is greyscale (L, 1-bit, 16-bit, grey + alpha), else [N, 3, S, S] in RGB."""
+    from PIL import Image
     from torchvision import datasets, transforms
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(f'image folder {data_dir!r} not found: --dataset=folder wants --data_dir=DIR with one sub-folder of images per class')
+    ds = datasets.ImageFolder(data_dir, loader=lambda path: path)  # only the (path, class) list: opened below
+
+    def mode(path):  # from the header alone
+        with Image.open(path) as im:
+            return im.mode
+
+    is_grey = all(mode(path) in ('1', 'L', 'LA', 'I;16', 'I;16B', 'I;16L') for path, _ in ds.samples)
+
+    def load(path):
+        with Image.open(path) as im:
+            if not is_grey:
+                return im.convert('RGB')
+            if im.mode.startswith('I;16'):  # 16 bits to 8 (PIL's convert('L') would clip at 255)
+                return Image.fromarray((np.asarray(im) >> 8).astype(np.uint8))
+            return im.convert('L')
+
     tf = transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.PILToTensor()])
-    ds = datasets.ImageFolder(data_dir, transform=tf)  # its default loader converts to RGB
-    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    x = torch.stack([tf(load(path)) for path, _ in ds.samples])
     return x, torch.as_tensor(ds.targets)
 
 def load_dataset(name, data_dir, train=True, image_size=32, download=True):

@@ -12,7 +12,6 @@ unconditional model), trajectory.gif, sweep_steps.png, sweep_cfg.png; the npz ho
 and arr_1 the int labels, the layout FID evaluators read.
 """
 import os
-import sys
 import time
 from contextlib import nullcontext
 
@@ -25,7 +24,7 @@ from model import NFE_PER_STEP, die, load_flow_model, sample, save_grid, save_la
 out_dir = 'out/dit_mnist'
 ckpt = ''  # '' = out_dir/ckpt.pt
 steps = 50
-cfg = 2.0  # guidance; ignored (must not be set) for an unconditional model
+cfg = None  # guidance v = v_uncond + cfg (v_cond - v_uncond); None: 2.0, or none at all for an unconditional model
 solver = 'euler'  # euler | midpoint | heun | rk4
 shift = 1.0  # SD3 time-grid shift (1 = uniform grid)
 gif = False
@@ -39,6 +38,11 @@ use_ema = True
 seed = 0
 device = 'auto'
 dtype = 'float32'  # float32 | bfloat16 (autocast)
+config_domains = dict(  # each number's domain: a kind of configurator.py (count >= 1, count0 >= 0, ...) or a range
+    steps='count', cfg='nonneg', shift='positive', per_class='size', class_label=(-1, 10 ** 7), num_samples='count0',
+    batch_size='count', seed='seed')
+config_keys = [k for k, v in globals().items()  # the settings configurator.py may change, as nanoGPT declares them
+               if not k.startswith('_') and k.islower() and isinstance(v, (bool, int, float, str, tuple, list, type(None)))]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 
@@ -56,8 +60,9 @@ ckpt_path = ckpt or os.path.join(out_dir, 'ckpt.pt')
 model, _ = load_flow_model(ckpt_path, device, use_ema)
 num_classes = model.num_classes
 conditional = num_classes > 0
-if not conditional and any(a.startswith('--cfg=') for a in sys.argv[1:]):
-    die(f'{ckpt_path} is an unconditional model: guidance needs classes, drop --cfg')
+if not conditional and cfg is not None:
+    die(f'{ckpt_path} is an unconditional model: guidance needs classes, drop cfg ({cfg!r} from --cfg or a config file)')
+cfg = (2.0 if conditional else 1.0) if cfg is None else cfg  # 1: the plain velocity
 if not conditional and sweep == 'cfg':
     die(f'{ckpt_path} is an unconditional model: --sweep=cfg needs a class-conditional one')
 if class_label >= num_classes or (class_label >= 0 and not conditional):

@@ -65,8 +65,17 @@ device = 'auto'  # auto | cpu | cuda
 dtype = 'bfloat16'  # bfloat16 (autocast) | float32
 compile = False
 attention = 'auto'  # sdpa | math (explicit softmax) | auto: sdpa on CUDA and for fp32, math for bf16 on CPU (bench.py)
+config_domains = dict(  # each number's domain: a kind of configurator.py (count >= 1, count0 >= 0, ...) or a range
+    image_size=(0, 4096), log_interval='count', sample_interval='count0', ckpt_interval='count',  # I/O
+    batch_size='count', max_iters='count0', epochs='count', learning_rate='rate', min_lr=(0, 10), warmup_iters='count0',
+    lr_decay_iters=(-1, 10 ** 7), weight_decay='nonneg', beta1='decay', beta2='decay', grad_clip='positive',
+    ema_decay='decay', seed='seed',  # training
+    p_uncond='prob', sample_steps='count', sample_cfg='nonneg',  # flow
+    dim='size', n_layers='size', n_heads='size', patch_size='size', stem_channels='size')  # model
+config_keys = [k for k, v in globals().items()  # the settings configurator.py may change, as nanoGPT declares them
+               if not k.startswith('_') and k.islower() and isinstance(v, (bool, int, float, str, tuple, list, type(None)))]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
-config = {k: globals()[k] for k in _config_keys}
+config = {k: globals()[k] for k in config_keys}
 # -----------------------------------------------------------------------------
 
 

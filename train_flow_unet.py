@@ -57,8 +57,17 @@ device = 'auto'
 dtype = 'bfloat16'
 compile = False
 channels_last = True  # NHWC convolutions: faster with oneDNN on CPU and with cuDNN on GPU
+config_domains = dict(  # each number's domain: a kind of configurator.py (count >= 1, count0 >= 0, ...) or a range
+    image_size='size', log_interval='count', ckpt_interval='count', sample_epochs='count',  # I/O
+    batch_size='count', max_iters='count0', epochs='count', learning_rate='rate', min_lr=(0, 10), warmup_iters='count0',
+    lr_decay_iters=(-1, 10 ** 7), weight_decay='nonneg', grad_clip='positive', ema_decay='decay',
+    seed='seed',  # training
+    sample_steps='count',  # flow
+    base_channels='size', channel_mult='size', n_res='size')  # model
+config_keys = [k for k, v in globals().items()  # the settings configurator.py may change, as nanoGPT declares them
+               if not k.startswith('_') and k.islower() and isinstance(v, (bool, int, float, str, tuple, list, type(None)))]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
-config = {k: globals()[k] for k in _config_keys}
+config = {k: globals()[k] for k in config_keys}
 # -----------------------------------------------------------------------------
 
 

@@ -76,7 +76,8 @@ def test_evaluate_npz_of_real_images_scores_well(mnist_dir, classifier, cfg_run,
     (['--inception=on', '--inception_weights=/nonexistent/inception.pth'], 'inception_weights=PATH'),
     (['--runs=euler:x'], 'bad run'),
     (['--solver=rk5'], 'unknown solver'),
-    (['--steps=0'], 'steps must be at least 1'),
+    (['--steps=0'], 'error: --steps=0: must be an integer >= 1'),
+    (['--runs=euler:0:2'], 'steps must be at least 1'),
 ])
 def test_evaluate_bad_input(cfg_run, mnist_dir, classifier, args, msg):
     p = run('evaluate.py', f'--out_dir={cfg_run[0]}', f'--data_dir={mnist_dir}', f'--classifier_path={classifier}',

@@ -58,7 +58,7 @@ def test_sample_bad_input(dit_run, flow_run, mnist_dir, tmp_path):
     (tmp_path / 'junk.pt').write_text('junk')
     assert 'cannot read checkpoint' in error(f'--ckpt={tmp_path / "junk.pt"}')
     assert 'no checkpoint' in error(f'--out_dir={tmp_path / "none"}')
-    assert 'steps must be at least 1' in error(f'--out_dir={dit_run[0]}', '--steps=0')
+    assert 'error: --steps=0: must be an integer >= 1' in error(f'--out_dir={dit_run[0]}', '--steps=0')
     assert 'out of range' in error(f'--out_dir={dit_run[0]}', '--class_label=10')
     assert 'unconditional model' in error(f'--out_dir={flow_run[0]}', '--cfg=3.0')
     den = str(tmp_path / 'den')

@@ -62,10 +62,10 @@ dtype = 'bfloat16'
 compile = False
 channels_last = True
 config_domains = dict(  # each number's domain: a kind of configurator.py (count >= 1, count0 >= 0, ...) or a range
-    image_size='size', log_interval='count', ckpt_interval='count', sample_epochs='count',  # I/O
+    image_size=(0, 4096), log_interval='count', ckpt_interval='count', sample_epochs='count',  # I/O
     sigma='nonneg', sigmas='nonneg',
     batch_size='count', max_iters='count0', epochs='count', learning_rate='rate', min_lr=(0, 10), warmup_iters='count0',
-    lr_decay_iters=(-1, 10 ** 7), weight_decay='nonneg', grad_clip='positive',
+    lr_decay_iters=(-1, 10 ** 7), weight_decay='nonneg', beta1='decay', beta2='decay', grad_clip='positive',
     ema_decay='decay', seed='seed',  # training
     base_channels='size', channel_mult='size', n_res='size')  # model
 config_keys = [k for k, v in globals().items()  # the settings configurator.py may change, as nanoGPT declares them

@@ -17,7 +17,6 @@ Writes out_json (default out_dir/eval.json) and prints one table.
 import json
 import os
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -25,7 +24,8 @@ import torch.nn.functional as F
 
 import torch.nn as nn
 
-from model import NFE_PER_STEP, cosine_lr, die, load_or_die, load_flow_model, resize, sample, to_model_range, to_uint8
+from model import (NFE_PER_STEP, check_choices, cosine_lr, die, load_or_die, load_flow_model, resize, sample,
+                   setup_precision, to_model_range, to_uint8, use_sdpa)
 
 # -----------------------------------------------------------------------------
 out_dir = 'out/class_cfg'
@@ -39,7 +39,7 @@ steps = 50
 cfg = None  # guidance of the runs that name none; None: 2.0, or none at all for an unconditional model
 shift = 1.0
 runs = ''  # several settings in one table: 'solver:steps:cfg,...', e.g. 'euler:50:2,heun:10:2'
-batch_size = 500
+batch_size = 64  # samples per network call (x2 with cfg): small batches stay in the CPU's cache
 seed = 0
 use_ema = True
 classifier_path = ''  # '' = out/classifier_<dataset>.pt (trained once, then reused)
@@ -51,6 +51,7 @@ inception_stats = ''  # '' = out/inception_stats_<dataset>_<num_ref>.npz (comput
 out_json = ''  # '' = out_dir/eval.json
 device = 'auto'
 dtype = 'bfloat16'  # bfloat16 (autocast) | float32
+attention = 'auto'  # sdpa | math | auto (sdpa for sampling)
 config_domains = dict(  # each number's domain: a kind of configurator.py (count >= 1, count0 >= 0, ...) or a range
     num_samples='count', steps='count', cfg='nonneg', shift='positive', batch_size='count', seed='seed',
     classifier_epochs='count', num_ref='count')
@@ -120,7 +121,7 @@ def classifier_features(net, x_uint8_nhwc=None, x=None):
         x = to_model_range(torch.from_numpy(x_uint8_nhwc).permute(0, 3, 1, 2))
     feats, logits = [], []
     for i in range(0, len(x), 1000):
-        xb = resize(x[i:i + 1000].float(), 32).to(device)
+        xb = resize(x[i:i + 1000].to(device).float(), 32)
         f = net.features(xb)
         feats.append(f.cpu())
         logits.append(net.head(f).cpu())
@@ -200,14 +201,14 @@ def get_inception():
 
 @torch.no_grad()
 def inception_features(net, x_uint8_nhwc):
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
     feats = []
-    for i in range(0, len(x_uint8_nhwc), 50):
-        x = torch.from_numpy(x_uint8_nhwc[i:i + 50]).permute(0, 3, 1, 2).float() / 255
+    for i in range(0, len(x_uint8_nhwc), 200):  # converted and resized on the device
+        x = torch.from_numpy(x_uint8_nhwc[i:i + 200]).to(device).permute(0, 3, 1, 2).float() / 255
         x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x  # grey -> RGB
         x = F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False)
-        feats.append(net(((x - mean) / std).to(device)).float().cpu())
+        feats.append(net((x - mean) / std).float().cpu())
     return torch.cat(feats).numpy()
 
 
@@ -245,10 +246,12 @@ def generate(s, n_steps, g):
 
 
 if __name__ == '__main__':
+    check_choices(dtype=(dtype, ('bfloat16', 'float32')), attention=(attention, ('auto', 'sdpa', 'math')),
+                  device=(device, ('auto', 'cpu', 'cuda')), inception=(inception, ('auto', 'on', 'off')))
     device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
-    ctx = torch.autocast(device.split(':')[0], dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
-    if inception not in ('auto', 'on', 'off'):
-        die(f"unknown inception {inception!r}: choose one of auto, on, off")
+    if device == 'cuda' and not torch.cuda.is_available():
+        die('device=cuda but no GPU is visible: use --device=cpu (or auto)')
+    ctx, dtype = setup_precision(device, dtype)  # TF32 on GPUs; bf16 autocast where the device has it
 
     settings = parse_runs()
     cfg_given = cfg is not None or any(g is not None for _, _, g in settings)
@@ -278,7 +281,8 @@ if __name__ == '__main__':
         settings = [('npz', 0, float('nan'))]
     else:
         ckpt_path = ckpt or os.path.join(out_dir, 'ckpt.pt')
-        model, checkpoint = load_flow_model(ckpt_path, device, use_ema)
+        model, checkpoint = load_flow_model(ckpt_path, device, use_ema,
+                                            sdpa=use_sdpa(attention, device.split(':')[0], dtype, training=False))
         dataset = dataset or checkpoint.get('config', {}).get('dataset', 'mnist')
         num_classes = model.num_classes
         if not num_classes and cfg_given:
@@ -291,6 +295,10 @@ if __name__ == '__main__':
     inception_net = get_inception()
     inception_ref = inception_reference(inception_net) if inception_net is not None else None
 
+    if model is not None:  # one untimed batch first: lazy initialisation (and any compile) stays out of s/sample
+        with torch.no_grad(), ctx:
+            z = torch.randn(min(batch_size, num_samples), model.in_channels, model.input_size, model.input_size, device=device)
+            sample(model, z, torch.zeros(len(z), dtype=torch.long, device=device) if num_classes else None, steps=1)
     rows = []
     for s, n_steps, g in settings:
         if npz:

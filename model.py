@@ -97,10 +97,10 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         return F.rms_norm(x, x.shape[-1:], self.weight.to(x.dtype), self.eps)
 
-def use_sdpa(attention, device_type, dtype):
-    """attention = sdpa | math | auto. auto, as measured by bench.py --minrf_dir on a 2-core CPU: SDPA on CUDA and for
-    fp32 on the CPU (its fused kernel is 2x the explicit softmax), the explicit form for bf16 on the CPU."""
-    return attention == 'sdpa' or (attention == 'auto' and (device_type == 'cuda' or dtype == 'float32'))
+def use_sdpa(attention, device_type, dtype, training=True):
+    """attention = sdpa | math | auto. auto, as measured by bench.py on a 2-core CPU: SDPA on CUDA, in fp32 (2x the
+    explicit softmax) and for sampling; the explicit form only to train in bf16 on a CPU (its backward is faster)."""
+    return attention == 'sdpa' or (attention == 'auto' and (device_type == 'cuda' or dtype == 'float32' or not training))
 
 class Attention(nn.Module):
     def __init__(self, dim, n_heads, qk_norm=True, sdpa=True):

@@ -13,12 +13,12 @@ and arr_1 the int labels, the layout FID evaluators read.
 """
 import os
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 
-from model import NFE_PER_STEP, die, load_flow_model, sample, save_grid, save_labelled_grid, to_uint8
+from model import (NFE_PER_STEP, check_choices, die, load_flow_model, sample, save_grid, save_labelled_grid,
+                   setup_precision, to_uint8, use_sdpa)
 
 # -----------------------------------------------------------------------------
 out_dir = 'out/dit_mnist'
@@ -33,11 +33,12 @@ per_class = 8
 class_label = -1  # >= 0: every sample of this class
 num_samples = 0  # with save_npz: how many samples to write
 save_npz = ''
-batch_size = 250
+batch_size = 64  # samples per network call (x2 with cfg): small batches stay in the CPU's cache
 use_ema = True
 seed = 0
 device = 'auto'
-dtype = 'float32'  # float32 | bfloat16 (autocast)
+dtype = 'bfloat16'  # bfloat16 (autocast) | float32: bf16 samples match fp32 ones (bench.py --sample_check)
+attention = 'auto'  # sdpa | math | auto (sdpa for sampling)
 config_domains = dict(  # each number's domain: a kind of configurator.py (count >= 1, count0 >= 0, ...) or a range
     steps='count', cfg='nonneg', shift='positive', per_class='size', class_label=(-1, 10 ** 7), num_samples='count0',
     batch_size='count', seed='seed')
@@ -55,9 +56,14 @@ if sweep not in ('', 'steps', 'cfg'):
     die(f"unknown sweep {sweep!r}: choose steps or cfg")
 if save_npz and num_samples < 1:
     die('--save_npz needs --num_samples=N (N >= 1)')
+check_choices(dtype=(dtype, ('bfloat16', 'float32')), attention=(attention, ('auto', 'sdpa', 'math')),
+              device=(device, ('auto', 'cpu', 'cuda')))
 device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
+if device == 'cuda' and not torch.cuda.is_available():
+    die('device=cuda but no GPU is visible: use --device=cpu (or auto)')
+ctx, dtype = setup_precision(device, dtype)  # TF32 on GPUs; bf16 autocast where the device has it
 ckpt_path = ckpt or os.path.join(out_dir, 'ckpt.pt')
-model, _ = load_flow_model(ckpt_path, device, use_ema)
+model, _ = load_flow_model(ckpt_path, device, use_ema, sdpa=use_sdpa(attention, device.split(':')[0], dtype, training=False))
 num_classes = model.num_classes
 conditional = num_classes > 0
 if not conditional and cfg is not None:
@@ -69,7 +75,6 @@ if class_label >= num_classes or (class_label >= 0 and not conditional):
     die(f'class_label {class_label} is out of range: this model has {num_classes} classes (0..{num_classes - 1})'
         if conditional else f'{ckpt_path} is an unconditional model: drop --class_label')
 C, S = model.in_channels, model.input_size
-ctx = torch.autocast(device.split(':')[0], dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
 nfe = steps * NFE_PER_STEP[solver]
 tag = f'{solver}{steps}' + (f'_cfg{cfg:g}' if conditional else '')
 

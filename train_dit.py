@@ -11,6 +11,8 @@ import copy
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 
 import torch
@@ -33,6 +35,9 @@ init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
 log_interval = 50
 sample_interval = 2000  # 0: only at the end
 ckpt_interval = 1000
+eval_interval = 0  # every N iters (and at the end): class accuracy and classifier-FID of the EMA weights (evaluate.py)
+eval_samples = 500  # samples per evaluation, at sample_steps and sample_cfg, a fixed seed
+classifier_path = ''  # the judge evaluate.py uses ('' = its cache, out/classifier_<dataset>.pt, trained on first use)
 # training
 batch_size = 128  # global: split across DDP processes
 max_iters = 0  # 0: run `epochs` epochs
@@ -66,7 +71,8 @@ dtype = 'bfloat16'  # bfloat16 (autocast) | float32
 compile = False
 attention = 'auto'  # sdpa | math (explicit softmax) | auto: sdpa on CUDA and for fp32, math for bf16 on CPU (bench.py)
 config_domains = dict(  # each number's domain: a kind of configurator.py (count >= 1, count0 >= 0, ...) or a range
-    image_size=(0, 4096), log_interval='count', sample_interval='count0', ckpt_interval='count',  # I/O
+    image_size=(0, 4096), log_interval='count', sample_interval='count0', ckpt_interval='count', eval_interval='count0',
+    eval_samples='count',  # I/O
     batch_size='count', max_iters='count0', epochs='count', learning_rate='rate', min_lr=(0, 10), warmup_iters='count0',
     lr_decay_iters=(-1, 10 ** 7), weight_decay='nonneg', beta1='decay', beta2='decay', grad_clip='positive',
     ema_decay='decay', seed='seed',  # training
@@ -84,6 +90,8 @@ check_choices(dataset=(dataset, DATASETS), dtype=(dtype, ('bfloat16', 'float32')
               attention=(attention, ('auto', 'sdpa', 'math')),
               t_sampling=(t_sampling, ('logit_normal', 'uniform', 'mode')))
 
+t_begin = time.time()  # the training wall clock (evaluations excluded) counts from here
+
 # processes and devices: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE
 ddp, rank, local_rank, world_size, device = setup_distributed(device, batch_size)
 master = rank == 0
@@ -91,6 +99,9 @@ device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 log = print if master else (lambda *a, **k: None)
 ctx, dtype = setup_precision(device, dtype, log)  # TF32 on GPUs; bf16 autocast where the device has it
 torch.manual_seed(seed + rank)
+if device_type == 'cpu' and (dim, n_layers, patch_size) == (128, 6, 2):
+    log('note: no GPU, and this is the GPU-sized model: on a CPU, python train_dit.py config/dit_mnist_cpu.py '
+        'draws digits in about 10 minutes')
 
 # data: the whole set as uint8 on the device; each process reads its DistributedSampler share
 x_all, y_all = load_training_set(dataset, data_dir, image_size, download, ddp, local_rank, device)
@@ -111,6 +122,7 @@ iter_num, ckpt = 0, None
 if init_from == 'resume':
     ckpt = resume_checkpoint(ckpt_path, dict(in_channels=C, input_size=H))
     model_args, iter_num = ckpt['model_args'], ckpt['iter_num']
+train_seconds = ckpt.get('train_seconds', 0.0) if ckpt else 0.0  # wall clock of the run so far, evaluations excluded
 if H != W or H % model_args['patch_size']:
     die(f'images are {H}x{W}: they must be square with a side divisible by patch_size {model_args["patch_size"]}')
 if model_args['dim'] % model_args['n_heads'] or model_args['dim'] // model_args['n_heads'] % 4:
@@ -162,6 +174,50 @@ def plot_loss_vs_t(t, loss, path, bins=20):
     plt.close(fig)
 
 
+def evaluate_ema(it):
+    """evaluate.py, run as a user would, on the EMA weights: class accuracy and classifier-FID of eval_samples samples,
+    appended to eval.jsonl with the training wall clock so far (this evaluation's own time is not counted)."""
+    t0 = time.time()
+    minutes = (train_seconds + t0 - t_begin) / 60
+    path, out_json = os.path.join(out_dir, 'eval_ckpt.pt'), os.path.join(out_dir, 'eval_last.json')
+    save_checkpoint(dict(model_args=model_args, model=ema.state_dict(), iter_num=it, config=config), path)
+    p = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'evaluate.py'),
+                        f'--ckpt={path}', f'--data_dir={data_dir}', f'--num_samples={eval_samples}', f'--cfg={sample_cfg}',
+                        f'--steps={sample_steps}', '--inception=off', f'--out_json={out_json}', f'--device={device_type}',
+                        f'--classifier_path={classifier_path}'],
+                       capture_output=True, text=True)
+    os.remove(path)
+    if p.returncode:
+        log(f'note: evaluation at iter {it} failed: {(p.stderr.strip().splitlines() or ["?"])[-1]}')
+    else:
+        r = json.load(open(out_json))['rows'][0]
+        row = dict(iter=it, minutes=minutes, acc=r['acc'], fid_cls=r['fid_cls'], samples=eval_samples)
+        with open(eval_path, 'a') as f:
+            f.write(json.dumps(row) + '\n')
+        log(f'eval at iter {it} ({minutes:.1f} min of training): accuracy {100 * r["acc"]:.1f} % | FID-cls '
+            f'{r["fid_cls"]:.2f} | {eval_samples} samples, {time.time() - t0:.0f} s', flush=True)
+        plot_eval([json.loads(line) for line in open(eval_path)], os.path.join(out_dir, 'eval.png'))
+    return time.time() - t0
+
+
+def plot_eval(rows, path):
+    """Accuracy and classifier-FID against training minutes."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))
+    m = [r['minutes'] for r in rows]
+    a1.plot(m, [100 * r['acc'] for r in rows], 'o-')
+    a2.plot(m, [r['fid_cls'] for r in rows], 'o-')
+    a1.set(xlabel='training minutes', ylabel='class accuracy (%)', title=f'{rows[-1]["samples"]} samples, cfg {sample_cfg:g}')
+    a2.set(xlabel='training minutes', ylabel='classifier-FID', yscale='log', title='lower is better')
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def write_plots():
     rows = [json.loads(line) for line in open(log_path)]
     plot_loss([r['iter'] for r in rows], [r['loss'] for r in rows], os.path.join(out_dir, 'loss.png'),
@@ -170,10 +226,12 @@ def write_plots():
         plot_loss_vs_t(torch.cat(t_seen).cpu(), torch.cat(loss_seen).cpu(), os.path.join(out_dir, 'loss_vs_t.png'))
 
 
-log_path = os.path.join(out_dir, 'log.jsonl')
+log_path, eval_path = os.path.join(out_dir, 'log.jsonl'), os.path.join(out_dir, 'eval.jsonl')
 if master:
     os.makedirs(out_dir, exist_ok=True)
     start_log(log_path, iter_num)
+    if eval_interval:
+        start_log(eval_path, iter_num)
 log(f'DiT-LLaMA {n_params / 1e6:.2f}M params | {dataset} {len(x_all)} images {C}x{H}x{W}, {num_classes} classes | '
     f'{world_size} process(es) on {device}, {dtype} | batch {batch_size}, {iters_per_epoch} iters/epoch, '
     f'iters {iter_num} -> {max_iters}', flush=True)
@@ -210,13 +268,16 @@ while iter_num < max_iters:
     if master and sample_interval and iter_num % sample_interval == 0 and iter_num < max_iters:
         write_samples(os.path.join(out_dir, f'samples_{iter_num:06d}.png'))
         progress.pause()
+    if master and eval_interval and (iter_num % eval_interval == 0 or iter_num == max_iters):
+        t_begin += evaluate_ema(iter_num)  # the clock stops while evaluate.py runs
+        progress.pause()
     if iter_num % ckpt_interval == 0 or iter_num == max_iters:
         progress.check(iter_num)  # a NaN since the last report stops the run here, before the checkpoint
         rng = rng_states(ddp, world_size)
         if master:
             save_checkpoint(dict(model_args=model_args, model=model.state_dict(), ema=ema.state_dict(),
                                  optimizer=optimizer.state_dict(), iter_num=iter_num, epoch=iter_num // iters_per_epoch,
-                                 config=config, rng=rng), ckpt_path)
+                                 config=config, rng=rng, train_seconds=train_seconds + time.time() - t_begin), ckpt_path)
             write_plots()
         progress.pause()
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model import (Attention, DiT_Llama, FinalLayer, LabelEmbedder, TransformerBlock, apply_rope, modulate, patchify,
-                   rope_angles, rope_grid, timestep_embedding, unpatchify, UNet)
+                   rope_angles, rope_grid, timestep_embedding, unpatchify, update_ema, UNet)
 
 
 def test_modulate_is_scale_then_shift_per_sample():
@@ -145,3 +145,16 @@ def test_unet_conditioning_changes_output_once_trained():
     assert (out(t, 3) - out(t, 7)).abs().max() > 1e-3
     assert (out(t, 3) - out(torch.full((2,), 0.9), 3)).abs().max() > 1e-3
     assert (out(t, 3) - out(t, 10)).abs().max() > 1e-3
+
+
+def test_update_ema_rule_on_numbers():
+    """Catches a swapped EMA rule (lerp by decay instead of 1 - decay) or an EMA that copies the weights."""
+    ema, w = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    for p, q in zip(ema.parameters(), w.parameters()):
+        p.data.fill_(0.0)
+        q.data.fill_(1.0)
+    update_ema(ema, w, 0.9)  # ema <- 0.9 * 0 + 0.1 * 1
+    assert all(torch.allclose(p, torch.full_like(p, 0.1)) for p in ema.parameters())
+    update_ema(ema, w, 0.5)  # 0.5 * 0.1 + 0.5 * 1
+    assert all(torch.allclose(p, torch.full_like(p, 0.55)) for p in ema.parameters())
+    assert all(torch.equal(q, torch.ones_like(q)) for q in w.parameters())  # the trained weights are not touched

@@ -45,6 +45,16 @@ def test_dit_run_outputs_decode(dit_run):
     assert not any(f.endswith('.tmp') for f in os.listdir(out))
 
 
+def test_dit_run_ema_moved_and_lags(dit_run):
+    """Catches a run whose EMA is never updated (it would keep the zero-initialised final layer) or is a plain copy."""
+    ckpt = load_checkpoint(os.path.join(dit_run[0], 'ckpt.pt'))
+    ema, model = ckpt['ema'], ckpt['model']
+    for name in ('final_layer.linear.weight', 'blocks.0.adaLN_modulation.1.weight'):  # zero at init (AdaLN-Zero)
+        assert ema[name].abs().max() > 0.1 * model[name].abs().max() > 0, name
+    diff = max((ema[k] - model[k]).abs().max().item() for k in model)
+    assert 1e-5 < diff < 0.1  # behind the trained weights, but close after 40 iterations
+
+
 def test_cifar10_pickle_run(cifar_dir, tmp_path):
     out = str(tmp_path / 'out')
     run('train_dit.py', '--dataset=cifar10', f'--data_dir={cifar_dir}', f'--out_dir={out}', '--batch_size=16',

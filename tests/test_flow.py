@@ -66,6 +66,13 @@ def test_loss_builds_x_t_with_the_t_the_model_sees(monkeypatch):
     assert torch.equal(m.t, t) and (t - 0.5).abs().min() > 0.01  # random t, none at the symmetric point 1/2
 
 
+def test_loss_passes_the_labels():
+    """Catches a loss that drops y (the class-conditional models would train unconditionally)."""
+    m, y = Recorder(), torch.tensor([3, 1, 4])
+    RectifiedFlow().loss(m, torch.randn(3, 1, 4, 4), y)
+    assert torch.equal(m.y, y)
+
+
 def test_perfect_velocity_has_zero_loss(monkeypatch):
     torch.manual_seed(1)
     x0, eps = torch.randn(5, 2, 4, 4), torch.randn(5, 2, 4, 4)

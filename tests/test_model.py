@@ -117,6 +117,24 @@ def test_dit_conditioning_changes_output_once_trained():
     assert (out(t, 3) - out(t, 10)).abs().max() > 1e-3  # the null class is a class of its own
 
 
+@pytest.mark.parametrize('net', ['dit', 'unet'])
+def test_label_dropout_through_forward(net):
+    """p_uncond = 1: in training every label is the null class (the label changes nothing), in eval it is kept.
+    Catches a forward that ignores the training flag or never (or always) drops labels."""
+    torch.manual_seed(0)
+    model = (DiT_Llama(in_channels=1, input_size=8, dim=32, n_layers=2, n_heads=2, stem_channels=8, p_uncond=1.0)
+             if net == 'dit' else UNet(base_channels=8, channel_mult=(1, 2), input_size=8, num_classes=10, p_uncond=1.0))
+    for p in model.parameters():  # give the zero-initialised (AdaLN-Zero) layers weights, so the output is not 0
+        if not p.abs().any():
+            torch.nn.init.normal_(p, std=0.1)
+    x, t = torch.randn(2, 1, 8, 8), torch.full((2,), 0.5)
+    out = lambda yy: model(x, t, torch.full((2,), yy))
+    model.train()
+    assert torch.equal(out(3), out(7)) and torch.equal(out(3), out(10))
+    model.eval()
+    assert (out(3) - out(7)).abs().max() > 1e-3 and (out(3) - out(10)).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize('S', [28, 32])
 @pytest.mark.parametrize('kind', ['none', 'time', 'class'])
 def test_unet_shapes_for_each_conditioning(kind, S):

@@ -53,6 +53,14 @@ def test_rope_scores_depend_only_on_relative_position():
     assert math.isclose(score((5, 5), (8, 10)), base, rel_tol=1e-4)  # same (3, 5) offset
     assert math.isclose(score((0, 0), (3, 5)), base, rel_tol=1e-4)
     assert not math.isclose(score((0, 0), (5, 3)), base, rel_tol=1e-3)  # rows and columns are distinct
+    # along one row or one column only: catches a RoPE that uses the row (or the column) for both halves
+    for off in ((0, 3), (3, 0)):
+        along = score((2, 1), (2 + off[0], 1 + off[1]))
+        assert math.isclose(score((5, 4), (5 + off[0], 4 + off[1])), along, rel_tol=1e-4)
+        assert not math.isclose(score((2, 1), (2, 1)), along, rel_tol=1e-3)  # an offset of 3 is not no offset
+    assert not math.isclose(score((0, 0), (0, 3)), score((0, 0), (3, 0)), rel_tol=1e-3)
+    g = rope_grid(3, 4, hd)  # token k is (row k // 4, column k % 4), patchify's row-major order
+    assert torch.equal(g, rope_angles(torch.arange(12) // 4, torch.arange(12) % 4, hd))
     # rotation keeps norms
     a = rope_grid(4, 4, hd)
     x = torch.randn(2, 16, hd)

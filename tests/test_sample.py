@@ -33,13 +33,20 @@ def test_sample_every_flow_checkpoint(which, side, rows, request, tmp_path):
         assert d['arr_1'].tolist() == [i % 10 for i in range(23)]
 
 
-def test_same_seed_same_samples(cfg_run, tmp_path):
+def test_same_seed_same_samples_and_settings_are_used(cfg_run, tmp_path):
+    """Same seed = same samples; another seed, solver, step count or cfg = other samples (catches settings that
+    are echoed in the output names but not passed to the sampler)."""
     out, _ = cfg_run
-    paths = [str(tmp_path / f'{name}.npz') for name in ('a', 'b', 'c')]
-    for path, seed in zip(paths, (3, 3, 4)):
-        run('sample.py', f'--out_dir={out}', '--steps=2', '--num_samples=6', f'--save_npz={path}', f'--seed={seed}')
-    a, b, c = (np.load(p)['arr_0'] for p in paths)
-    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    runs = dict(a=['--seed=3'], b=['--seed=3'], seed=['--seed=4'], heun=['--seed=3', '--solver=heun'],
+                steps=['--seed=3', '--steps=3'], cfg0=['--seed=3', '--cfg=0.0'])
+    x = {}
+    for name, args in runs.items():
+        path = str(tmp_path / f'{name}.npz')
+        run('sample.py', f'--out_dir={out}', '--steps=2', '--num_samples=6', f'--save_npz={path}', *args)
+        x[name] = np.load(path)['arr_0'].astype(float)
+    assert np.array_equal(x['a'], x['b'])
+    for name in ('seed', 'heun', 'steps', 'cfg0'):
+        assert np.abs(x[name] - x['a']).mean() > 0.5, name  # grey levels (3 to 76 here)
 
 
 @pytest.mark.parametrize('sweep,labels', [('steps', 4), ('cfg', 4)])

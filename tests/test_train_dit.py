@@ -98,6 +98,14 @@ def test_ddp_two_processes_gloo(mnist_dir, tmp_path):
     ckpt = load_checkpoint(os.path.join(out, 'ckpt.pt'))
     assert ckpt['iter_num'] == 6 and len(ckpt['rng']) == 2
     assert not torch.equal(ckpt['rng'][0]['cpu'], ckpt['rng'][1]['cpu'])  # each rank draws its own noise
+    # DDP keeps the weights equal on both processes (each starts from its own seed and sees other data): catches a
+    # run without the DDP wrapper; rank 0's checksum is the checkpoint's
+    head = 'DDP: parameter checksums per process: '
+    line = [line[len(head):] for line in p.stdout.splitlines() if line.startswith(head)]
+    sums = [tuple(map(float, s.split())) for s in line[0].split(', ')]
+    w = torch.cat([v.double().flatten() for v in ckpt['model'].values()])
+    assert len(sums) == 2 and sums[0] == sums[1]
+    assert sums[0] == pytest.approx((w.sum().item(), w.square().sum().item()), rel=1e-12)
     assert len(read_log(out)) == 6 and Image.open(os.path.join(out, 'samples.png')).size == grid_size(10, 8, 28)
 
 

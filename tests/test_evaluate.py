@@ -98,19 +98,27 @@ def test_evaluate_refuses_the_denoiser(mnist_dir, tmp_path):
     assert p.returncode != 0 and 'not a flow model' in p.stderr
 
 
-def test_inception_fid_from_a_local_weights_file(cfg_run, mnist_dir, classifier, tmp_path):
-    """The weights file path works offline (random weights here: the plumbing, not the number, is tested)."""
+def test_inception_fid_from_a_local_weights_file(mnist_dir, classifier, tmp_path):
+    """The weights file path works offline, and the FID is a distance: the reference images themselves score ~0,
+    uniform noise far more (random weights here, so only that contrast means something)."""
     import torch
     from torchvision.models import inception_v3
+    from model import load_dataset
     weights = str(tmp_path / 'inception.pth')
     torch.manual_seed(0)
     torch.save(inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(), weights)
-    js = str(tmp_path / 'e.json')
-    run('evaluate.py', f'--out_dir={cfg_run[0]}', f'--data_dir={mnist_dir}', f'--classifier_path={classifier}',
-        '--classifier_epochs=1', '--num_samples=6', '--steps=1', f'--inception_weights={weights}', '--num_ref=12',
-        f'--inception_stats={tmp_path / "stats.npz"}', f'--out_json={js}')
-    fid = json.load(open(js))['rows'][0]['fid_inception']
-    assert fid is not None and fid >= 0 and os.path.isfile(tmp_path / 'stats.npz')
+    x, _ = load_dataset('mnist', mnist_dir, download=False)
+    ref = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:12]]  # evaluate.py's reference draw
+    noise = np.random.default_rng(0).integers(0, 256, size=(12, 28, 28, 1), dtype=np.uint8)
+    fid = {}
+    for name, imgs in (('real', ref.permute(0, 2, 3, 1).numpy()), ('noise', noise)):
+        np.savez(tmp_path / f'{name}.npz', arr_0=imgs)
+        run('evaluate.py', f'--npz={tmp_path / name}.npz', f'--data_dir={mnist_dir}', f'--classifier_path={classifier}',
+            '--classifier_epochs=1', f'--inception_weights={weights}', '--num_ref=12',
+            f'--inception_stats={tmp_path / "stats.npz"}')
+        fid[name] = json.load(open(tmp_path / f'{name}_eval.json'))['rows'][0]['fid_inception']
+    assert os.path.isfile(tmp_path / 'stats.npz')
+    assert fid['noise'] > 0 and abs(fid['real']) < 1e-5 * fid['noise'], fid  # (random weights: tiny features)
 
 
 def test_evaluate_unconditional_model(flow_run, mnist_dir, classifier, tmp_path):

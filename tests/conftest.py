@@ -67,6 +67,15 @@ def run(script, *args, env=None, check=True, torchrun=0):
     return p
 
 
+def label_rows_trained(out_dir):
+    """Adam's second moment of each label-embedding row (classes 0..K-1, then the null class) in a run's checkpoint:
+    above 0 exactly when that row got a gradient, i.e. its label reached the loss."""
+    from model import build_model, load_checkpoint
+    ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
+    names = [n for n, _ in build_model(ckpt['model_args']).named_parameters()]
+    return ckpt['optimizer']['state'][names.index('y_embedder.embedding.weight')]['exp_avg_sq'].sum(1)
+
+
 @pytest.fixture(scope='session')
 def mnist_dir(tmp_path_factory):
     return write_mnist(str(tmp_path_factory.mktemp('mnist_data')))

@@ -159,6 +159,10 @@ def test_unet_shapes_for_each_conditioning(kind, S):
 def test_unet_conditioning_changes_output_once_trained():
     torch.manual_seed(0)
     model = UNet(in_channels=1, base_channels=16, channel_mult=(1, 2), attn_levels=(1,), num_classes=10, p_uncond=0.0)
+    torch.nn.init.zeros_(model.out[-1].weight)  # a zero output at init, so what differs below was learned
+    torch.nn.init.zeros_(model.out[-1].bias)
+    x_test, t_test = torch.randn(2, 1, 16, 16), torch.full((2,), 0.5)
+    assert torch.equal(model(x_test, t_test, torch.full((2,), 3)), model(x_test, torch.full((2,), 0.9), torch.full((2,), 7)))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     for _ in range(5):
         x, t, y = torch.randn(8, 1, 16, 16), torch.rand(8), torch.randint(0, 10, (8,))
@@ -166,11 +170,10 @@ def test_unet_conditioning_changes_output_once_trained():
         (model(x, t, y) - y.view(-1, 1, 1, 1).float() * t.view(-1, 1, 1, 1)).square().mean().backward()
         opt.step()
     model.eval()
-    x, t = torch.randn(2, 1, 16, 16), torch.full((2,), 0.5)
-    out = lambda tt, yy: model(x, tt, torch.full((2,), yy))
-    assert (out(t, 3) - out(t, 7)).abs().max() > 1e-3
-    assert (out(t, 3) - out(torch.full((2,), 0.9), 3)).abs().max() > 1e-3
-    assert (out(t, 3) - out(t, 10)).abs().max() > 1e-3
+    out = lambda tt, yy: model(x_test, tt, torch.full((2,), yy))
+    assert (out(t_test, 3) - out(t_test, 7)).abs().max() > 1e-3
+    assert (out(t_test, 3) - out(torch.full((2,), 0.9), 3)).abs().max() > 1e-3
+    assert (out(t_test, 3) - out(t_test, 10)).abs().max() > 1e-3
 
 
 def test_update_ema_rule_on_numbers():

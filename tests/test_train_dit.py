@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_DIT, run
+from conftest import TINY_DIT, label_rows_trained, run
 from model import load_checkpoint
 
 
@@ -42,6 +42,7 @@ def test_dit_run_outputs_decode(dit_run):
     ckpt = load_checkpoint(os.path.join(out, 'ckpt.pt'))
     assert ckpt['iter_num'] == 40 and ckpt['model_args']['input_size'] == 28 and ckpt['model_args']['dim'] == 32
     assert {'model', 'ema', 'optimizer', 'epoch', 'config', 'rng'} <= set(ckpt)
+    assert (label_rows_trained(out) > 0).all()  # every class and the null class reached the loss
     assert not any(f.endswith('.tmp') for f in os.listdir(out))
 
 

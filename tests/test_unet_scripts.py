@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_UNET, run
+from conftest import TINY_UNET, label_rows_trained, run
 from model import load_checkpoint, sample, UNet
 
 def grid_size(n_rows, n_cols, side, pad=2):
@@ -72,9 +72,6 @@ def test_class_cfg_writes_class_rows(cfg_run):
         assert Image.open(os.path.join(out, name)).size == grid_size(10, 4, 32)  # 4 of each class, row = class
     ckpt = load_checkpoint(os.path.join(out, 'ckpt.pt'))
     assert ckpt['model_args']['num_classes'] == 10 and ckpt['model_args']['p_uncond'] == 0.1
-    model = UNet(**ckpt['model_args']).eval()
-    model.load_state_dict(ckpt['ema'])
-    x = torch.randn(2, 1, 32, 32)
-    t = torch.full((2,), 0.5)
-    assert (model(x, t, torch.tensor([1, 1])) - model(x, t, torch.tensor([7, 7]))).abs().max() > 1e-4
+    # every class and the null class (label dropout) reached the loss: catches a script that drops y or never drops
+    assert (label_rows_trained(out) > 0).all()
     assert '10 classes' in p.stdout

@@ -76,6 +76,27 @@ def label_rows_trained(out_dir):
     return ckpt['optimizer']['state'][names.index('y_embedder.embedding.weight')]['exp_avg_sq'].sum(1)
 
 
+def ema_grid(out_dir, z, y, steps, cfg, nrow):
+    """The grey uint8 grid save_grid writes for a run's EMA samples from z, sampled as the training scripts do (bf16
+    autocast; DiT: explicit attention on the CPU; UNet: channels-last), on one thread so the numbers repeat."""
+    import torch
+    from torchvision.utils import make_grid
+    from model import build_model, load_checkpoint, sample
+    ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
+    dit = 'dim' in ckpt['model_args']
+    model = build_model({**ckpt['model_args'], 'sdpa': False} if dit else ckpt['model_args'])
+    model.load_state_dict(ckpt['ema'])
+    fmt = torch.contiguous_format if dit else torch.channels_last
+    model = model.eval().to(memory_format=fmt)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        x = sample(model, z.contiguous(memory_format=fmt), y, steps=steps, cfg=cfg)
+    torch.set_num_threads(threads)
+    g = make_grid((x.float().clamp(-1, 1) + 1) / 2, nrow=nrow, padding=2, pad_value=1.0)
+    return (g[0] * 255 + 0.5).clamp(0, 255).to(torch.uint8).numpy()
+
+
 @pytest.fixture(scope='session')
 def mnist_dir(tmp_path_factory):
     return write_mnist(str(tmp_path_factory.mktemp('mnist_data')))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_DIT, label_rows_trained, run
+from conftest import TINY_DIT, ema_grid, label_rows_trained, run
 from model import load_checkpoint
 
 
@@ -35,6 +35,11 @@ def test_dit_run_outputs_decode(dit_run):
         img = Image.open(os.path.join(out, name))
         assert img.size == grid_size(10, 8, 28)  # rows = classes 0..9, 8 samples each
         assert np.asarray(img).std() > 5  # not a blank image
+    # samples.png is the EMA's samples from the seeded noise, row k = class k at cfg 2 (not the raw weights: 1.1 grey
+    # levels off; not rows of mixed classes: 0.4)
+    z = torch.randn(80, 1, 28, 28, generator=torch.Generator().manual_seed(1337))
+    want = ema_grid(out, z, torch.arange(10).repeat_interleave(8), steps=2, cfg=2.0, nrow=8)
+    assert np.abs(np.asarray(Image.open(os.path.join(out, 'samples.png')).convert('L')) - want.astype(float)).mean() < 0.2
     for name in ('loss.png', 'loss_vs_t.png'):
         img = Image.open(os.path.join(out, name))
         img.load()
@@ -60,7 +65,9 @@ def test_cifar10_pickle_run(cifar_dir, tmp_path):
     out = str(tmp_path / 'out')
     run('train_dit.py', '--dataset=cifar10', f'--data_dir={cifar_dir}', f'--out_dir={out}', '--batch_size=16',
         '--max_iters=3', '--hflip=True', *TINY_DIT)
-    assert Image.open(os.path.join(out, 'samples.png')).size == grid_size(10, 8, 32)
+    rgb = np.asarray(Image.open(os.path.join(out, 'samples.png')).convert('RGB')).astype(int)
+    assert rgb.shape == grid_size(10, 8, 32)[::-1] + (3,)
+    assert (rgb[..., 0] != rgb[..., 1]).mean() > 0.5  # colour samples, not grey
     assert load_checkpoint(os.path.join(out, 'ckpt.pt'))['model_args']['in_channels'] == 3
     assert len(read_log(out)) == 3
 

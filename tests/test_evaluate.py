@@ -86,7 +86,7 @@ def test_evaluate_npz_of_real_images_scores_well(mnist_dir, classifier, cfg_run,
 ])
 def test_evaluate_bad_input(cfg_run, mnist_dir, classifier, args, msg):
     p = run('evaluate.py', f'--out_dir={cfg_run[0]}', f'--data_dir={mnist_dir}', f'--classifier_path={classifier}',
-            '--num_samples=4', '--classifier_epochs=1', *args, check=False)
+            '--num_samples=4', '--classifier_epochs=1', '--inception=off', *args, check=False)
     assert p.returncode != 0 and msg in p.stderr and 'Traceback' not in p.stderr
 
 
@@ -94,7 +94,8 @@ def test_evaluate_refuses_the_denoiser(mnist_dir, tmp_path):
     out = str(tmp_path / 'den')
     run('train_denoiser.py', f'--data_dir={mnist_dir}', f'--out_dir={out}', '--max_iters=2', '--base_channels=8',
         '--channel_mult=(1,2)', '--download=False', '--batch_size=32', '--warmup_iters=0')
-    p = run('evaluate.py', f'--out_dir={out}', f'--data_dir={mnist_dir}', check=False)
+    p = run('evaluate.py', f'--out_dir={out}', f'--data_dir={mnist_dir}', f'--classifier_path={tmp_path / "clf.pt"}',
+            '--inception=off', check=False)
     assert p.returncode != 0 and 'not a flow model' in p.stderr
 
 

@@ -287,4 +287,10 @@ if master:
     shutil.copy(os.path.join(out_dir, 'samples.png'), os.path.join(out_dir, f'samples_{iter_num:06d}.png'))
     log(f'done: {iter_num} iters in {(time.time() - progress.t_start) / 60:.1f} min; outputs in {out_dir}', flush=True)
 if ddp:
+    # DDP keeps every process's weights identical: log a checksum (sum, sum of squares) of each process's
+    # parameters so that can be checked (the 2-process test compares them)
+    flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+    sums = [torch.zeros(2, dtype=torch.float64, device=device) for _ in range(world_size)]
+    dist.all_gather(sums, torch.stack([flat.sum(), flat.square().sum()]))
+    log('DDP: parameter checksums per process: ' + ', '.join('{:.17g} {:.17g}'.format(*s.tolist()) for s in sums), flush=True)
     dist.destroy_process_group()

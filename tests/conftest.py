@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+os.environ['CUDA_VISIBLE_DEVICES'] = ''  # the suite runs on the CPU, also on a GPU machine (set before torch starts CUDA)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a tiny DiT so each end-to-end run takes seconds
 TINY_DIT = ['--dim=32', '--n_layers=2', '--n_heads=2', '--stem_channels=8', '--sample_steps=2', '--warmup_iters=0',
@@ -60,11 +61,62 @@ def run(script, *args, env=None, check=True, torchrun=0):
     if torchrun:
         cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={torchrun}',
                os.path.join(ROOT, script), *args]
-    full_env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore', **(env or {})}
+    full_env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore', 'CUDA_VISIBLE_DEVICES': '', **(env or {})}
     p = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=900)
     if check and p.returncode != 0:
         raise AssertionError(f'{" ".join(cmd)} exited {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}')
     return p
+
+
+def label_rows_trained(out_dir):
+    """Adam's second moment of each label-embedding row (classes 0..K-1, then the null class) in a run's checkpoint:
+    above 0 exactly when that row got a gradient, i.e. its label reached the loss."""
+    from model import build_model, load_checkpoint
+    ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
+    names = [n for n, _ in build_model(ckpt['model_args']).named_parameters()]
+    return ckpt['optimizer']['state'][names.index('y_embedder.embedding.weight')]['exp_avg_sq'].sum(1)
+
+
+def ema_grid(out_dir, z, y, steps, cfg, nrow):
+    """The grey uint8 grid save_grid writes for a run's EMA samples from z, sampled as the training scripts do (bf16
+    autocast; DiT: explicit attention on the CPU; UNet: channels-last), on one thread so the numbers repeat."""
+    import torch
+    from torchvision.utils import make_grid
+    from model import build_model, load_checkpoint, sample
+    ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
+    dit = 'dim' in ckpt['model_args']
+    model = build_model({**ckpt['model_args'], 'sdpa': False} if dit else ckpt['model_args'])
+    model.load_state_dict(ckpt['ema'])
+    fmt = torch.contiguous_format if dit else torch.channels_last
+    model = model.eval().to(memory_format=fmt)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        x = sample(model, z.contiguous(memory_format=fmt), y, steps=steps, cfg=cfg)
+    torch.set_num_threads(threads)
+    g = make_grid((x.float().clamp(-1, 1) + 1) / 2, nrow=nrow, padding=2, pad_value=1.0)
+    return (g[0] * 255 + 0.5).clamp(0, 255).to(torch.uint8).numpy()
+
+
+def repo_files():
+    """Every file of the repository tree (outside .git and Python's caches) with its modification time."""
+    files = {}
+    for d, dirs, names in os.walk(ROOT):
+        dirs[:] = [x for x in dirs if x not in ('.git', '__pycache__', '.pytest_cache')]
+        for n in names:
+            files[os.path.join(d, n)] = os.stat(os.path.join(d, n)).st_mtime_ns
+    return files
+
+
+@pytest.fixture(scope='session', autouse=True)
+def repo_untouched():
+    """Catches a test that writes into the repository (e.g. evaluate.py's default out/ caches): nothing may appear
+    or change there during the run."""
+    before = repo_files()
+    yield
+    after = repo_files()
+    changed = sorted(f for f in after if before.get(f) != after[f])
+    assert not changed, f'the tests wrote into the repository: {changed}'
 
 
 @pytest.fixture(scope='session')

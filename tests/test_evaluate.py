@@ -1,6 +1,7 @@
 """evaluate.py: the Frechet distance against a direct computation, the classifier metrics end to end, bad input."""
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -40,17 +41,22 @@ def classifier(mnist_dir, tmp_path_factory):
 
 
 def test_evaluate_checkpoint_table_and_json(cfg_run, mnist_dir, classifier, tmp_path):
+    """Each row is sampled with its own solver and cfg (catches settings echoed into the row but not used)."""
     out, _ = cfg_run
     js = str(tmp_path / 'eval.json')
+    t0 = time.time()
     p = run('evaluate.py', f'--out_dir={out}', f'--data_dir={mnist_dir}', f'--classifier_path={classifier}',
-            '--classifier_epochs=40', '--num_samples=30', '--batch_size=16', '--runs=euler:2:2,heun:1:0',
+            '--classifier_epochs=40', '--num_samples=30', '--batch_size=16', '--runs=euler:2:2,heun:2:2,euler:2:0',
             '--inception=off', f'--out_json={js}')
+    wall = time.time() - t0
     assert 'test accuracy' in p.stdout and os.path.isfile(classifier)
     r = json.load(open(js))
     assert r['classifier_test_acc'] > 0.9  # the fake classes (a bar per row) are easy
-    assert [(row['solver'], row['nfe'], row['cfg']) for row in r['rows']] == [('euler', 2, 2.0), ('heun', 2, 0.0)]
-    for row in r['rows']:
-        assert row['num_samples'] == 30 and row['fid_cls'] >= 0 and 0 <= row['acc'] <= 1 and row['sec_per_sample'] > 0
+    rows = r['rows']
+    assert [(row['solver'], row['nfe'], row['cfg']) for row in rows] == [('euler', 2, 2.0), ('heun', 4, 2.0), ('euler', 2, 0.0)]
+    fid = [row['fid_cls'] for row in rows]
+    assert abs(fid[0] - fid[1]) > 1e-6 * fid[0] and abs(fid[0] - fid[2]) > 1e-6 * fid[0]  # other samples, other FID
+    assert all(row['num_samples'] == 30 and 30 * row['sec_per_sample'] < wall for row in rows)  # seconds, not ms
     assert 'FID-cls' in p.stdout and 'euler' in p.stdout
 
 
@@ -81,7 +87,7 @@ def test_evaluate_npz_of_real_images_scores_well(mnist_dir, classifier, cfg_run,
 ])
 def test_evaluate_bad_input(cfg_run, mnist_dir, classifier, args, msg):
     p = run('evaluate.py', f'--out_dir={cfg_run[0]}', f'--data_dir={mnist_dir}', f'--classifier_path={classifier}',
-            '--num_samples=4', '--classifier_epochs=1', *args, check=False)
+            '--num_samples=4', '--classifier_epochs=1', '--inception=off', *args, check=False)
     assert p.returncode != 0 and msg in p.stderr and 'Traceback' not in p.stderr
 
 
@@ -89,32 +95,41 @@ def test_evaluate_refuses_the_denoiser(mnist_dir, tmp_path):
     out = str(tmp_path / 'den')
     run('train_denoiser.py', f'--data_dir={mnist_dir}', f'--out_dir={out}', '--max_iters=2', '--base_channels=8',
         '--channel_mult=(1,2)', '--download=False', '--batch_size=32', '--warmup_iters=0')
-    p = run('evaluate.py', f'--out_dir={out}', f'--data_dir={mnist_dir}', check=False)
+    p = run('evaluate.py', f'--out_dir={out}', f'--data_dir={mnist_dir}', f'--classifier_path={tmp_path / "clf.pt"}',
+            '--inception=off', check=False)
     assert p.returncode != 0 and 'not a flow model' in p.stderr
 
 
-def test_inception_fid_from_a_local_weights_file(cfg_run, mnist_dir, classifier, tmp_path):
-    """The weights file path works offline (random weights here: the plumbing, not the number, is tested)."""
+def test_inception_fid_from_a_local_weights_file(mnist_dir, classifier, tmp_path):
+    """The weights file path works offline, and the FID is a distance: the reference images themselves score ~0,
+    uniform noise far more (random weights here, so only that contrast means something)."""
     import torch
     from torchvision.models import inception_v3
+    from model import load_dataset
     weights = str(tmp_path / 'inception.pth')
     torch.manual_seed(0)
     torch.save(inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(), weights)
-    js = str(tmp_path / 'e.json')
-    run('evaluate.py', f'--out_dir={cfg_run[0]}', f'--data_dir={mnist_dir}', f'--classifier_path={classifier}',
-        '--classifier_epochs=1', '--num_samples=6', '--steps=1', f'--inception_weights={weights}', '--num_ref=12',
-        f'--inception_stats={tmp_path / "stats.npz"}', f'--out_json={js}')
-    fid = json.load(open(js))['rows'][0]['fid_inception']
-    assert fid is not None and fid >= 0 and os.path.isfile(tmp_path / 'stats.npz')
+    x, _ = load_dataset('mnist', mnist_dir, download=False)
+    ref = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:12]]  # evaluate.py's reference draw
+    noise = np.random.default_rng(0).integers(0, 256, size=(12, 28, 28, 1), dtype=np.uint8)
+    fid = {}
+    for name, imgs in (('real', ref.permute(0, 2, 3, 1).numpy()), ('noise', noise)):
+        np.savez(tmp_path / f'{name}.npz', arr_0=imgs)
+        run('evaluate.py', f'--npz={tmp_path / name}.npz', f'--data_dir={mnist_dir}', f'--classifier_path={classifier}',
+            '--classifier_epochs=1', f'--inception_weights={weights}', '--num_ref=12',
+            f'--inception_stats={tmp_path / "stats.npz"}')
+        fid[name] = json.load(open(tmp_path / f'{name}_eval.json'))['rows'][0]['fid_inception']
+    assert os.path.isfile(tmp_path / 'stats.npz')
+    assert fid['noise'] > 0 and abs(fid['real']) < 1e-5 * fid['noise'], fid  # (random weights: tiny features)
 
 
 def test_evaluate_unconditional_model(flow_run, mnist_dir, classifier, tmp_path):
     js = str(tmp_path / 'u.json')
     run('evaluate.py', f'--out_dir={flow_run[0]}', f'--data_dir={mnist_dir}', f'--classifier_path={classifier}',
-        '--classifier_epochs=40', '--num_samples=8', '--runs=euler:2,midpoint:1', '--inception=off', f'--out_json={js}')
+        '--classifier_epochs=40', '--num_samples=8', '--runs=euler:2,midpoint:2', '--inception=off', f'--out_json={js}')
     rows = json.load(open(js))['rows']
-    assert [(r['nfe'], r['cfg'], r['acc']) for r in rows] == [(2, None, None), (2, None, None)]
-    assert all(r['fid_cls'] > 0 for r in rows)
+    assert [(r['nfe'], r['cfg'], r['acc']) for r in rows] == [(2, None, None), (4, None, None)]
+    assert abs(rows[0]['fid_cls'] - rows[1]['fid_cls']) > 1e-6 * rows[0]['fid_cls']  # the solver is used, not echoed
     p = run('evaluate.py', f'--out_dir={flow_run[0]}', f'--data_dir={mnist_dir}', f'--classifier_path={classifier}',
             '--cfg=2', check=False)
     assert p.returncode != 0 and 'unconditional model' in p.stderr

@@ -54,6 +54,25 @@ def test_x_t_interpolates_data_and_noise(t_value, monkeypatch):
     assert torch.equal(t, torch.full((3,), t_value))
 
 
+def test_loss_builds_x_t_with_the_t_the_model_sees(monkeypatch):
+    """Catches a loss that calls model(x_t, 1 - t, y) or builds x_t with another t than it hands over."""
+    torch.manual_seed(2)
+    x0, eps = torch.randn(6, 2, 4, 4), torch.randn(6, 2, 4, 4)
+    monkeypatch.setattr(torch, 'randn_like', lambda x: eps)
+    m = Recorder()
+    _, (t, _) = RectifiedFlow('uniform').loss(m, x0)
+    tb = m.t.view(-1, 1, 1, 1)
+    assert torch.allclose(m.x, (1 - tb) * x0 + tb * eps, atol=1e-6)  # x_t recovered with the t the model received
+    assert torch.equal(m.t, t) and (t - 0.5).abs().min() > 0.01  # random t, none at the symmetric point 1/2
+
+
+def test_loss_passes_the_labels():
+    """Catches a loss that drops y (the class-conditional models would train unconditionally)."""
+    m, y = Recorder(), torch.tensor([3, 1, 4])
+    RectifiedFlow().loss(m, torch.randn(3, 1, 4, 4), y)
+    assert torch.equal(m.y, y)
+
+
 def test_perfect_velocity_has_zero_loss(monkeypatch):
     torch.manual_seed(1)
     x0, eps = torch.randn(5, 2, 4, 4), torch.randn(5, 2, 4, 4)
@@ -91,16 +110,36 @@ def test_solvers_exact_on_constant_velocity(solver):
         assert len(traj) == steps + 1 and torch.equal(traj[0], z)
 
 
+@pytest.mark.parametrize('solver,times', [
+    ('euler', [1, 0.75, 0.5, 0.25]),
+    ('heun', [1, 0.75, 0.75, 0.5, 0.5, 0.25, 0.25, 0]),
+    ('midpoint', [1, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125]),
+    ('rk4', [1, 0.875, 0.875, 0.75, 0.75, 0.625, 0.625, 0.5, 0.5, 0.375, 0.375, 0.25, 0.25, 0.125, 0.125, 0]),
+])
+def test_samplers_hand_the_network_the_right_t(solver, times):
+    """Catches a sampler that passes 1 - t (or t + dt) to the network: 4 steps from t = 1 (noise) to 0."""
+    seen = []
+
+    class Times(Recorder):
+        def forward(self, x, t, y=None):
+            seen.append(t[0].item())
+            assert torch.equal(t, torch.full((len(x),), t[0].item()))  # one t for the whole batch
+            return torch.zeros_like(x)
+
+    sample(Times(), torch.randn(2, 1, 4, 4), steps=4, solver=solver)
+    assert seen == pytest.approx(times)
+
+
 @pytest.mark.parametrize('solver,order', [('euler', 1), ('midpoint', 2), ('heun', 2), ('rk4', 4)])
 def test_solvers_converge_at_their_order(solver, order):
-    class Linear(nn.Module):  # dx/dt = x t: x(0) = x(1) exp(-1/2)
-        num_classes = 10
+    class Linear(nn.Module):  # dx/dt = x + t, x(1) = 1: x(t) = 3 e^(t-1) - t - 1, x(0) = 3/e - 1
+        num_classes = 10  # not symmetric in t: with 1 - t in place of t the answer would be x(0) = 0
 
         def forward(self, x, t, y=None):
-            return x.double() * t.view(-1, 1).double()
+            return x.double() + t.view(-1, 1).double()
 
     z = torch.ones(1, 1, dtype=torch.float64)
-    exact = math.exp(-0.5)
+    exact = 3 / math.e - 1
     err = lambda n: abs(sample(Linear(), z, steps=n, solver=solver).item() - exact)
     ratio = err(32) / err(64)
     assert abs(math.log2(ratio) - order) < 0.3, (solver, ratio)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model import (Attention, DiT_Llama, FinalLayer, LabelEmbedder, TransformerBlock, apply_rope, modulate, patchify,
-                   rope_angles, rope_grid, timestep_embedding, unpatchify, UNet)
+                   rope_angles, rope_grid, timestep_embedding, unpatchify, update_ema, UNet)
 
 
 def test_modulate_is_scale_then_shift_per_sample():
@@ -50,6 +50,14 @@ def test_rope_scores_depend_only_on_relative_position():
     assert math.isclose(score((5, 5), (8, 10)), base, rel_tol=1e-4)  # same (3, 5) offset
     assert math.isclose(score((0, 0), (3, 5)), base, rel_tol=1e-4)
     assert not math.isclose(score((0, 0), (5, 3)), base, rel_tol=1e-3)  # rows and columns are distinct
+    # along one row or one column only: catches a RoPE that uses the row (or the column) for both halves
+    for off in ((0, 3), (3, 0)):
+        along = score((2, 1), (2 + off[0], 1 + off[1]))
+        assert math.isclose(score((5, 4), (5 + off[0], 4 + off[1])), along, rel_tol=1e-4)
+        assert not math.isclose(score((2, 1), (2, 1)), along, rel_tol=1e-3)  # an offset of 3 is not no offset
+    assert not math.isclose(score((0, 0), (0, 3)), score((0, 0), (3, 0)), rel_tol=1e-3)
+    g = rope_grid(3, 4, hd)  # token k is (row k // 4, column k % 4), patchify's row-major order
+    assert torch.equal(g, rope_angles(torch.arange(12) // 4, torch.arange(12) % 4, hd))
     # rotation keeps norms
     a = rope_grid(4, 4, hd)
     x = torch.randn(2, 16, hd)
@@ -114,6 +122,24 @@ def test_dit_conditioning_changes_output_once_trained():
     assert (out(t, 3) - out(t, 10)).abs().max() > 1e-3  # the null class is a class of its own
 
 
+@pytest.mark.parametrize('net', ['dit', 'unet'])
+def test_label_dropout_through_forward(net):
+    """p_uncond = 1: in training every label is the null class (the label changes nothing), in eval it is kept.
+    Catches a forward that ignores the training flag or never (or always) drops labels."""
+    torch.manual_seed(0)
+    model = (DiT_Llama(in_channels=1, input_size=8, dim=32, n_layers=2, n_heads=2, stem_channels=8, p_uncond=1.0)
+             if net == 'dit' else UNet(base_channels=8, channel_mult=(1, 2), input_size=8, num_classes=10, p_uncond=1.0))
+    for p in model.parameters():  # give the zero-initialised (AdaLN-Zero) layers weights, so the output is not 0
+        if not p.abs().any():
+            torch.nn.init.normal_(p, std=0.1)
+    x, t = torch.randn(2, 1, 8, 8), torch.full((2,), 0.5)
+    out = lambda yy: model(x, t, torch.full((2,), yy))
+    model.train()
+    assert torch.equal(out(3), out(7)) and torch.equal(out(3), out(10))
+    model.eval()
+    assert (out(3) - out(7)).abs().max() > 1e-3 and (out(3) - out(10)).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize('S', [28, 32])
 @pytest.mark.parametrize('kind', ['none', 'time', 'class'])
 def test_unet_shapes_for_each_conditioning(kind, S):
@@ -130,6 +156,10 @@ def test_unet_shapes_for_each_conditioning(kind, S):
 def test_unet_conditioning_changes_output_once_trained():
     torch.manual_seed(0)
     model = UNet(in_channels=1, base_channels=16, channel_mult=(1, 2), attn_levels=(1,), num_classes=10, p_uncond=0.0)
+    torch.nn.init.zeros_(model.out[-1].weight)  # a zero output at init, so what differs below was learned
+    torch.nn.init.zeros_(model.out[-1].bias)
+    x_test, t_test = torch.randn(2, 1, 16, 16), torch.full((2,), 0.5)
+    assert torch.equal(model(x_test, t_test, torch.full((2,), 3)), model(x_test, torch.full((2,), 0.9), torch.full((2,), 7)))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     for _ in range(5):
         x, t, y = torch.randn(8, 1, 16, 16), torch.rand(8), torch.randint(0, 10, (8,))
@@ -137,8 +167,20 @@ def test_unet_conditioning_changes_output_once_trained():
         (model(x, t, y) - y.view(-1, 1, 1, 1).float() * t.view(-1, 1, 1, 1)).square().mean().backward()
         opt.step()
     model.eval()
-    x, t = torch.randn(2, 1, 16, 16), torch.full((2,), 0.5)
-    out = lambda tt, yy: model(x, tt, torch.full((2,), yy))
-    assert (out(t, 3) - out(t, 7)).abs().max() > 1e-3
-    assert (out(t, 3) - out(torch.full((2,), 0.9), 3)).abs().max() > 1e-3
-    assert (out(t, 3) - out(t, 10)).abs().max() > 1e-3
+    out = lambda tt, yy: model(x_test, tt, torch.full((2,), yy))
+    assert (out(t_test, 3) - out(t_test, 7)).abs().max() > 1e-3
+    assert (out(t_test, 3) - out(torch.full((2,), 0.9), 3)).abs().max() > 1e-3
+    assert (out(t_test, 3) - out(t_test, 10)).abs().max() > 1e-3
+
+
+def test_update_ema_rule_on_numbers():
+    """Catches a swapped EMA rule (lerp by decay instead of 1 - decay) or an EMA that copies the weights."""
+    ema, w = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    for p, q in zip(ema.parameters(), w.parameters()):
+        p.data.fill_(0.0)
+        q.data.fill_(1.0)
+    update_ema(ema, w, 0.9)  # ema <- 0.9 * 0 + 0.1 * 1
+    assert all(torch.allclose(p, torch.full_like(p, 0.1)) for p in ema.parameters())
+    update_ema(ema, w, 0.5)  # 0.5 * 0.1 + 0.5 * 1
+    assert all(torch.allclose(p, torch.full_like(p, 0.55)) for p in ema.parameters())
+    assert all(torch.equal(q, torch.ones_like(q)) for q in w.parameters())  # the trained weights are not touched

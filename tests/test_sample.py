@@ -4,9 +4,12 @@ import os
 import imageio.v2 as imageio
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from torchvision.utils import make_grid
 
 from conftest import run
+from model import load_flow_model, sample, to_uint8
 
 
 def grid_size(n_rows, n_cols, side, pad=2):
@@ -26,20 +29,39 @@ def test_sample_every_flow_checkpoint(which, side, rows, request, tmp_path):
     frames = imageio.mimread(os.path.join(out, 'trajectory.gif'))
     assert len(frames) == 4  # steps + 1: from noise to the sample
     assert frames[0].shape[:2] == grid_size(rows, 8, side)[::-1]
+    # the GIF runs from the seeded noise to the grid's samples
+    z = torch.randn(rows * 8, 1, side, side, generator=torch.Generator().manual_seed(0))
+    noise = (make_grid((z.clamp(-1, 1) + 1) / 2, nrow=8, padding=2, pad_value=1.0) * 255).round()[0].numpy()
+    assert np.abs(frames[0][..., 0] - noise).mean() < 0.1
+    grid = np.asarray(Image.open(os.path.join(out, f'samples_{tag}.png')).convert('L')).astype(float)
+    assert np.abs(frames[-1][..., 0] - grid).mean() < 0.1 and np.abs(frames[-1][..., 0] - noise).mean() > 10
     d = np.load(npz)
     assert d['arr_0'].shape == (23, side, side, 1) and d['arr_0'].dtype == np.uint8
     assert d['arr_1'].shape == (23,) and d['arr_1'].dtype == np.int64
     if which != 'flow_run':
         assert d['arr_1'].tolist() == [i % 10 for i in range(23)]
+    # the npz holds the model's samples: its first batch of 10, recomputed from sample.py's seeded noise
+    model, _ = load_flow_model(os.path.join(out, 'ckpt.pt'))
+    z = torch.randn(10, 1, side, side, generator=torch.Generator().manual_seed(1000))
+    y = torch.arange(10) if which != 'flow_run' else None
+    x = to_uint8(sample(model, z, y, steps=3, cfg=2.0 if y is not None else 1.0, solver='heun')).astype(float)
+    assert np.abs(x - d['arr_0'][:10]).mean() < 0.1
 
 
-def test_same_seed_same_samples(cfg_run, tmp_path):
+def test_same_seed_same_samples_and_settings_are_used(cfg_run, tmp_path):
+    """Same seed = same samples; another seed, solver, step count or cfg = other samples (catches settings that
+    are echoed in the output names but not passed to the sampler)."""
     out, _ = cfg_run
-    paths = [str(tmp_path / f'{name}.npz') for name in ('a', 'b', 'c')]
-    for path, seed in zip(paths, (3, 3, 4)):
-        run('sample.py', f'--out_dir={out}', '--steps=2', '--num_samples=6', f'--save_npz={path}', f'--seed={seed}')
-    a, b, c = (np.load(p)['arr_0'] for p in paths)
-    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    runs = dict(a=['--seed=3'], b=['--seed=3'], seed=['--seed=4'], heun=['--seed=3', '--solver=heun'],
+                steps=['--seed=3', '--steps=3'], cfg0=['--seed=3', '--cfg=0.0'])
+    x = {}
+    for name, args in runs.items():
+        path = str(tmp_path / f'{name}.npz')
+        run('sample.py', f'--out_dir={out}', '--steps=2', '--num_samples=6', f'--save_npz={path}', *args)
+        x[name] = np.load(path)['arr_0'].astype(float)
+    assert np.array_equal(x['a'], x['b'])
+    for name in ('seed', 'heun', 'steps', 'cfg0'):
+        assert np.abs(x[name] - x['a']).mean() > 0.5, name  # grey levels (3 to 76 here)
 
 
 @pytest.mark.parametrize('sweep,labels', [('steps', 4), ('cfg', 4)])

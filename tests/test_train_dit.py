@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_DIT, run
+from conftest import TINY_DIT, ema_grid, label_rows_trained, run
 from model import load_checkpoint, load_dataset
 
 
@@ -35,6 +35,11 @@ def test_dit_run_outputs_decode(dit_run):
         img = Image.open(os.path.join(out, name))
         assert img.size == grid_size(10, 8, 28)  # rows = classes 0..9, 8 samples each
         assert np.asarray(img).std() > 5  # not a blank image
+    # samples.png is the EMA's samples from the seeded noise, row k = class k at cfg 2 (not the raw weights: 1.1 grey
+    # levels off; not rows of mixed classes: 0.4)
+    z = torch.randn(80, 1, 28, 28, generator=torch.Generator().manual_seed(1337))
+    want = ema_grid(out, z, torch.arange(10).repeat_interleave(8), steps=2, cfg=2.0, nrow=8)
+    assert np.abs(np.asarray(Image.open(os.path.join(out, 'samples.png')).convert('L')) - want.astype(float)).mean() < 0.2
     for name in ('loss.png', 'loss_vs_t.png'):
         img = Image.open(os.path.join(out, name))
         img.load()
@@ -42,14 +47,27 @@ def test_dit_run_outputs_decode(dit_run):
     ckpt = load_checkpoint(os.path.join(out, 'ckpt.pt'))
     assert ckpt['iter_num'] == 40 and ckpt['model_args']['input_size'] == 28 and ckpt['model_args']['dim'] == 32
     assert {'model', 'ema', 'optimizer', 'epoch', 'config', 'rng'} <= set(ckpt)
+    assert (label_rows_trained(out) > 0).all()  # every class and the null class reached the loss
     assert not any(f.endswith('.tmp') for f in os.listdir(out))
+
+
+def test_dit_run_ema_moved_and_lags(dit_run):
+    """Catches a run whose EMA is never updated (it would keep the zero-initialised final layer) or is a plain copy."""
+    ckpt = load_checkpoint(os.path.join(dit_run[0], 'ckpt.pt'))
+    ema, model = ckpt['ema'], ckpt['model']
+    for name in ('final_layer.linear.weight', 'blocks.0.adaLN_modulation.1.weight'):  # zero at init (AdaLN-Zero)
+        assert ema[name].abs().max() > 0.1 * model[name].abs().max() > 0, name
+    diff = max((ema[k] - model[k]).abs().max().item() for k in model)
+    assert 1e-5 < diff < 0.1  # behind the trained weights, but close after 40 iterations
 
 
 def test_cifar10_pickle_run(cifar_dir, tmp_path):
     out = str(tmp_path / 'out')
     run('train_dit.py', '--dataset=cifar10', f'--data_dir={cifar_dir}', f'--out_dir={out}', '--batch_size=16',
         '--max_iters=3', '--hflip=True', *TINY_DIT)
-    assert Image.open(os.path.join(out, 'samples.png')).size == grid_size(10, 8, 32)
+    rgb = np.asarray(Image.open(os.path.join(out, 'samples.png')).convert('RGB')).astype(int)
+    assert rgb.shape == grid_size(10, 8, 32)[::-1] + (3,)
+    assert (rgb[..., 0] != rgb[..., 1]).mean() > 0.5  # colour samples, not grey
     assert load_checkpoint(os.path.join(out, 'ckpt.pt'))['model_args']['in_channels'] == 3
     assert len(read_log(out)) == 3
 
@@ -122,6 +140,14 @@ def test_ddp_two_processes_gloo(mnist_dir, tmp_path):
     ckpt = load_checkpoint(os.path.join(out, 'ckpt.pt'))
     assert ckpt['iter_num'] == 6 and len(ckpt['rng']) == 2
     assert not torch.equal(ckpt['rng'][0]['cpu'], ckpt['rng'][1]['cpu'])  # each rank draws its own noise
+    # DDP keeps the weights equal on both processes (each starts from its own seed and sees other data): catches a
+    # run without the DDP wrapper; rank 0's checksum is the checkpoint's
+    head = 'DDP: parameter checksums per process: '
+    line = [line[len(head):] for line in p.stdout.splitlines() if line.startswith(head)]
+    sums = [tuple(map(float, s.split())) for s in line[0].split(', ')]
+    w = torch.cat([v.double().flatten() for v in ckpt['model'].values()])
+    assert len(sums) == 2 and sums[0] == sums[1]
+    assert sums[0] == pytest.approx((w.sum().item(), w.square().sum().item()), rel=1e-12)
     assert len(read_log(out)) == 6 and Image.open(os.path.join(out, 'samples.png')).size == grid_size(10, 8, 28)
 
 

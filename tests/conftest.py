@@ -85,7 +85,7 @@ def ema_grid(out_dir, z, y, steps, cfg, nrow):
     from model import build_model, load_checkpoint, sample
     ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
     dit = 'dim' in ckpt['model_args']
-    model = build_model({**ckpt['model_args'], 'sdpa': False} if dit else ckpt['model_args'])
+    model = build_model(ckpt['model_args'], sdpa=False)
     model.load_state_dict(ckpt['ema'])
     fmt = torch.contiguous_format if dit else torch.channels_last
     model = model.eval().to(memory_format=fmt)

@@ -18,7 +18,7 @@ SCRIPTS = ['train_dit.py', 'train_flow_unet.py', 'train_class_cfg.py', 'train_de
            'ideal_machines.py', 'bench.py']
 TRAIN_ZERO_OK = {'image_size', 'beta1', 'beta2', 'max_iters', 'warmup_iters', 'lr_decay_iters', 'min_lr', 'weight_decay', 'ema_decay', 'seed'}
 ZERO_OK = {  # the numbers for which 0 is a legal value ("off", "the default", a class, a seed, a decay...)
-    'train_dit.py': TRAIN_ZERO_OK | {'sample_interval', 'p_uncond', 'sample_cfg'},
+    'train_dit.py': TRAIN_ZERO_OK | {'sample_interval', 'eval_interval', 'p_uncond', 'sample_cfg'},
     'train_flow_unet.py': TRAIN_ZERO_OK,
     'train_class_cfg.py': TRAIN_ZERO_OK | {'p_uncond', 'sample_cfg'},
     'train_denoiser.py': TRAIN_ZERO_OK | {'sigma', 'sigmas'},
@@ -161,7 +161,7 @@ def test_help_of_train_dit_reads_as_documented(capsys, monkeypatch):
     lines = out.splitlines()
     i = lines.index('# training')
     assert lines[i + 1].split() == ['--batch_size=128', '[1,', '10000000]', 'global:', 'split', 'across', 'DDP', 'processes']
-    assert lines[i - 1].split() == ['--ckpt_interval=1000', '[1,', '10000000]']
+    assert lines[i - 5].split() == ['--ckpt_interval=1000', '[1,', '10000000]']
     assert '--ema_decay=0.999 [0, 1)' in ' '.join(out.split()) and '--learning_rate=0.0008 (0, 10]' in ' '.join(out.split())
     assert "--ckpt=''" in run_here('sample.py', ['-h'], capsys, monkeypatch)[1]
     assert '--cfg=None' in run_here('sample.py', ['-h'], capsys, monkeypatch)[1]

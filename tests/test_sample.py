@@ -40,11 +40,16 @@ def test_sample_every_flow_checkpoint(which, side, rows, request, tmp_path):
     assert d['arr_1'].shape == (23,) and d['arr_1'].dtype == np.int64
     if which != 'flow_run':
         assert d['arr_1'].tolist() == [i % 10 for i in range(23)]
-    # the npz holds the model's samples: its first batch of 10, recomputed from sample.py's seeded noise
+    # the npz holds the model's samples: its first batch of 10, recomputed from sample.py's seeded noise as sample.py
+    # draws them by default (bf16 autocast, SDPA), on one thread like the script under test
     model, _ = load_flow_model(os.path.join(out, 'ckpt.pt'))
     z = torch.randn(10, 1, side, side, generator=torch.Generator().manual_seed(1000))
     y = torch.arange(10) if which != 'flow_run' else None
-    x = to_uint8(sample(model, z, y, steps=3, cfg=2.0 if y is not None else 1.0, solver='heun')).astype(float)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        x = to_uint8(sample(model, z, y, steps=3, cfg=2.0 if y is not None else 1.0, solver='heun')).astype(float)
+    torch.set_num_threads(threads)
     assert np.abs(x - d['arr_0'][:10]).mean() < 0.1
 
 

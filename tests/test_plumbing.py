@@ -1,0 +1,75 @@
+"""What the scripts share (model.py's last section): the resize-once data path, the per-device-and-dtype attention
+choice, device-side loss bookkeeping, the CPU-pinned test environment."""
+import os
+import subprocess
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import Batches, Progress, load_dataset, load_training_set, use_sdpa
+
+
+def test_resize_once_gives_the_batches_of_resizing_every_batch(mnist_dir):
+    """The training set is resized once at load (as uint8): batch k equals the old per-batch float resize of the same
+    images, to within the uint8 rounding (half a grey level), in the same order."""
+    x, y = load_training_set('mnist', mnist_dir, 32, False, False, 0, 'cpu')
+    assert x.dtype == torch.uint8 and x.shape[1:] == (1, 32, 32)
+    raw, raw_y = load_dataset('mnist', mnist_dir, download=False)
+    new, old = Batches(x, y, 32, seed=3), Batches(raw, raw_y, 32, seed=3)
+    for it in (0, 5, 8, 13):  # across an epoch boundary (8 iterations per epoch)
+        xb, yb = new.get(it)
+        xo, yo = old.get(it)
+        xo = F.interpolate(xo, size=(32, 32), mode='bilinear', antialias=True)
+        assert torch.equal(yb, yo)
+        assert (xb - xo).abs().max() <= 0.5 / 127.5 + 1e-6
+        assert (xb - xo).abs().mean() < 0.5 / 127.5
+
+
+def test_batches_flip_on_the_device_where_the_images_live(mnist_dir):
+    x, y = load_training_set('mnist', mnist_dir, 0, False, False, 0, 'cpu')
+    torch.manual_seed(0)
+    xb, _ = Batches(x, y, 64, seed=1, hflip=True).get(0)
+    plain, _ = Batches(x, y, 64, seed=1).get(0)
+    flipped = [torch.equal(a, b.flip(2)) and not torch.equal(a, b) for a, b in zip(xb, plain)]
+    same = [torch.equal(a, b) for a, b in zip(xb, plain)]
+    assert all(f or s for f, s in zip(flipped, same)) and 15 < sum(flipped) < 49  # about half, each exactly mirrored
+
+
+@pytest.mark.parametrize('attention,device,dtype,training,expect', [
+    ('auto', 'cpu', 'float32', True, True),     # fp32 on a CPU: SDPA's fused kernel is 2x the explicit softmax
+    ('auto', 'cpu', 'bfloat16', True, False),   # bf16 training on a CPU: the explicit form's backward is faster
+    ('auto', 'cpu', 'bfloat16', False, True),   # sampling: SDPA in both dtypes
+    ('auto', 'cuda', 'bfloat16', True, True),
+    ('auto', 'cuda', 'float32', True, True),
+    ('math', 'cuda', 'float32', True, False),
+    ('sdpa', 'cpu', 'bfloat16', True, True)])
+def test_attention_choice_per_device_and_dtype(attention, device, dtype, training, expect):
+    assert use_sdpa(attention, device, dtype, training) is expect
+
+
+def test_progress_sums_on_the_device_and_stops_on_nan(capsys):
+    """No host sync per iteration: loss and a finite flag are summed as tensors; check() reads the mean once and
+    stops with one line when any loss or gradient norm of the interval was not finite."""
+    p = Progress(0, 10, 8, 5, False, 1, 'out/x/ckpt.pt')
+    for v in (1.0, 2.0, 3.0):
+        p.add(torch.tensor(v), torch.tensor(1.0))
+    assert isinstance(p.loss_sum, torch.Tensor) and p.check(3) == pytest.approx(2.0)
+    row, line = p.report(3, 1e-3)
+    assert row['loss'] == pytest.approx(2.0) and 'loss 2.0000' in line and p.n == 0
+    p.add(torch.tensor(1.0), torch.tensor(float('inf')))  # a finite loss, an infinite gradient norm
+    with pytest.raises(SystemExit) as e:
+        p.check(4)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count('\n') == 1 and 'last good checkpoint (out/x/ckpt.pt) is untouched' in err
+
+
+def test_the_suite_and_its_scripts_run_on_the_cpu(monkeypatch):
+    """Pinned in conftest: on a GPU machine too, the tests and every script they start see no GPU."""
+    assert os.environ.get('CUDA_VISIBLE_DEVICES') == '' and not torch.cuda.is_available()
+    import conftest
+    seen = {}
+    monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '0')  # as if the outer shell exposed a GPU
+    monkeypatch.setattr(conftest.subprocess, 'run', lambda cmd, **kw: seen.update(kw) or subprocess.CompletedProcess(cmd, 0, '', ''))
+    conftest.run('train_dit.py', '--help')
+    assert seen['env']['CUDA_VISIBLE_DEVICES'] == ''

@@ -248,8 +248,10 @@ def bench_minrf():
         use_compile = variant.endswith('compile') or (variant.startswith('default') and d['compile'])
         model = DiT_Llama(1, 32, 2, 64, 6, 4, 10, sdpa=use_sdpa(attention, device_type, dtype)).to(device)
         ema = copy.deepcopy(model).requires_grad_(False)
-        torch._dynamo.reset()
+        sampler = DiT_Llama(1, 32, 2, 64, 6, 4, 10, sdpa=use_sdpa(attention, device_type, dtype, training=False))
+        sampler = sampler.to(device).eval().requires_grad_(False)  # as sample.py builds it (its own attention choice)
         run_model = torch.compile(model, dynamic=False) if use_compile else model
+        run_sampler = torch.compile(sampler, dynamic=False) if use_compile else sampler
         ctx = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
         opt = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(d['beta1'], d['beta2']), fused=True)
         flow = RectifiedFlow()
@@ -265,9 +267,8 @@ def bench_minrf():
 
         @torch.no_grad()
         def sample_step():
-            run_model.eval()
             with ctx:
-                return x0 - 0.02 * guided_velocity(run_model, x0, 0.5, y, 2.0)
+                return x0 - 0.02 * guided_velocity(run_sampler, x0, 0.5, y, 2.0)
         return train, sample_step, sum(p.numel() for p in model.parameters())
 
     impls = {'minRF': minrf(), **{v: ours(v) for v in minrf_variants.split(',')}}

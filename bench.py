@@ -248,7 +248,7 @@ def bench_minrf():
         use_compile = variant.endswith('compile') or (variant.startswith('default') and d['compile'])
         model = DiT_Llama(1, 32, 2, 64, 6, 4, 10, sdpa=use_sdpa(attention, device_type, dtype)).to(device)
         ema = copy.deepcopy(model).requires_grad_(False)
-        sampler = DiT_Llama(1, 32, 2, 64, 6, 4, 10, sdpa=use_sdpa(attention, device_type, dtype, training=False))
+        sampler = DiT_Llama(1, 32, 2, 64, 6, 4, 10, sdpa=use_sdpa(attention, device_type, dtype))
         sampler = sampler.to(device).eval().requires_grad_(False)  # as sample.py builds it (its own attention choice)
         run_model = torch.compile(model, dynamic=False) if use_compile else model
         run_sampler = torch.compile(sampler, dynamic=False) if use_compile else sampler

@@ -51,7 +51,7 @@ inception_stats = ''  # '' = out/inception_stats_<dataset>_<num_ref>.npz (comput
 out_json = ''  # '' = out_dir/eval.json
 device = 'auto'
 dtype = 'bfloat16'  # bfloat16 (autocast) | float32
-attention = 'auto'  # sdpa | math | auto (sdpa for sampling)
+attention = 'auto'  # sdpa | math (explicit softmax) | auto: math for bf16 on a CPU, else sdpa (as train_dit.py)
 config_domains = dict(  # each number's domain: a kind of configurator.py (count >= 1, count0 >= 0, ...) or a range
     num_samples='count', steps='count', cfg='nonneg', shift='positive', batch_size='count', seed='seed',
     classifier_epochs='count', num_ref='count')
@@ -282,7 +282,7 @@ if __name__ == '__main__':
     else:
         ckpt_path = ckpt or os.path.join(out_dir, 'ckpt.pt')
         model, checkpoint = load_flow_model(ckpt_path, device, use_ema,
-                                            sdpa=use_sdpa(attention, device.split(':')[0], dtype, training=False))
+                                            sdpa=use_sdpa(attention, device.split(':')[0], dtype))
         dataset = dataset or checkpoint.get('config', {}).get('dataset', 'mnist')
         num_classes = model.num_classes
         if not num_classes and cfg_given:

@@ -38,7 +38,7 @@ use_ema = True
 seed = 0
 device = 'auto'
 dtype = 'bfloat16'  # bfloat16 (autocast) | float32: bf16 samples match fp32 ones (bench.py --sample_check)
-attention = 'auto'  # sdpa | math | auto (sdpa for sampling)
+attention = 'auto'  # sdpa | math (explicit softmax) | auto: math for bf16 on a CPU, else sdpa (as train_dit.py)
 config_domains = dict(  # each number's domain: a kind of configurator.py (count >= 1, count0 >= 0, ...) or a range
     steps='count', cfg='nonneg', shift='positive', per_class='size', class_label=(-1, 10 ** 7), num_samples='count0',
     batch_size='count', seed='seed')
@@ -63,7 +63,7 @@ if device == 'cuda' and not torch.cuda.is_available():
     die('device=cuda but no GPU is visible: use --device=cpu (or auto)')
 ctx, dtype = setup_precision(device, dtype)  # TF32 on GPUs; bf16 autocast where the device has it
 ckpt_path = ckpt or os.path.join(out_dir, 'ckpt.pt')
-model, _ = load_flow_model(ckpt_path, device, use_ema, sdpa=use_sdpa(attention, device.split(':')[0], dtype, training=False))
+model, _ = load_flow_model(ckpt_path, device, use_ema, sdpa=use_sdpa(attention, device.split(':')[0], dtype))
 num_classes = model.num_classes
 conditional = num_classes > 0
 if not conditional and cfg is not None:

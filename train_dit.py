@@ -69,7 +69,7 @@ stem_channels = 32
 device = 'auto'  # auto | cpu | cuda
 dtype = 'bfloat16'  # bfloat16 (autocast) | float32
 compile = False
-attention = 'auto'  # sdpa | math (explicit softmax) | auto: sdpa on CUDA and for fp32, math for bf16 on CPU (bench.py)
+attention = 'auto'  # sdpa | math (explicit softmax) | auto: math for bf16 on a CPU, else sdpa (bench.py)
 config_domains = dict(  # each number's domain: a kind of configurator.py (count >= 1, count0 >= 0, ...) or a range
     image_size=(0, 4096), log_interval='count', sample_interval='count0', ckpt_interval='count', eval_interval='count0',
     eval_samples='count',  # I/O

@@ -161,7 +161,7 @@ def test_help_of_train_dit_reads_as_documented(capsys, monkeypatch):
     lines = out.splitlines()
     i = lines.index('# training')
     assert lines[i + 1].split() == ['--batch_size=128', '[1,', '10000000]', 'global:', 'split', 'across', 'DDP', 'processes']
-    assert lines[i - 5].split() == ['--ckpt_interval=1000', '[1,', '10000000]']
+    assert ['--ckpt_interval=1000', '[1,', '10000000]'] in [line.split() for line in lines[lines.index('# I/O'):i]]
     assert '--ema_decay=0.999 [0, 1)' in ' '.join(out.split()) and '--learning_rate=0.0008 (0, 10]' in ' '.join(out.split())
     assert "--ckpt=''" in run_here('sample.py', ['-h'], capsys, monkeypatch)[1]
     assert '--cfg=None' in run_here('sample.py', ['-h'], capsys, monkeypatch)[1]

@@ -39,7 +39,7 @@ ideal_n = (1000, 10000, 60000)  # training images
 ideal_p = (3, 7, 11, 15)  # patch sizes
 ideal_machines = 'IS,LS,ELS,bbELS'
 ideal_dtype = 'float32'  # the dot products: float32 | bfloat16
-curves = ''  # 'out/a,out/b': instead of timing, overlay the loss curves of train_dit.py runs (e.g. fp32 vs bf16)
+curves = ''  # 'out/a,out/b': instead of timing, overlay train_dit.py runs: quality vs minutes (eval.jsonl) or loss
 minrf_dir = ''  # a checkout of cloneofsimo/minRF (kept outside this repo): instead, its DiT beside ours at its MNIST size
 minrf_variants = 'default,fp32,bf16,fp32_sdpa,fp32_math,bf16_sdpa,bf16_math,default_compile'  # ours; default = train_dit.py's
 rounds = 5  # --minrf_dir: alternating timed rounds per implementation (the median is reported)
@@ -297,8 +297,34 @@ def bench_minrf():
         json.dump(dict(device=device, threads=torch.get_num_threads(), minrf=rows), f, indent=1)
 
 
+def compare_quality(out_dirs, path='quality.png'):
+    """Overlay the eval.jsonl of train_dit.py runs (eval_interval): class accuracy and classifier-FID against the
+    minutes of training, one line per run."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for d in out_dirs:
+        rows = [json.loads(line) for line in open(os.path.join(d, 'eval.jsonl'))]
+        m = [r['minutes'] for r in rows]
+        a1.plot(m, [100 * r['acc'] for r in rows], 'o-', label=d)
+        a2.plot(m, [r['fid_cls'] for r in rows], 'o-', label=d)
+    a1.set(xlabel='training minutes', ylabel='class accuracy (%)', ylim=(0, 101))
+    a2.set(xlabel='training minutes', ylabel='classifier-FID', yscale='log')
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f'wrote {path}')
+
+
 if curves:
-    compare_curves(curves.split(','))
+    dirs = curves.split(',')
+    if all(os.path.isfile(os.path.join(d, 'eval.jsonl')) for d in dirs):
+        compare_quality(dirs)
+    else:
+        compare_curves(dirs)
     raise SystemExit
 if minrf_dir:
     bench_minrf()

@@ -90,6 +90,9 @@ check_choices(dataset=(dataset, DATASETS), dtype=(dtype, ('bfloat16', 'float32')
               attention=(attention, ('auto', 'sdpa', 'math')),
               t_sampling=(t_sampling, ('logit_normal', 'uniform', 'mode')))
 
+if eval_interval and dataset not in ('mnist', 'fashion_mnist'):
+    die(f'--eval_interval judges samples with evaluate.py\'s classifier, which exists for mnist and fashion_mnist, '
+        f'not {dataset}: drop --eval_interval')
 t_begin = time.time()  # the training wall clock (evaluations excluded) counts from here
 
 # processes and devices: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE

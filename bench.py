@@ -21,7 +21,7 @@ from contextlib import nullcontext
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import DiT_Llama, RectifiedFlow, UNet
+from model import DiT_Llama, RectifiedFlow, UNet, setup_precision
 
 # -----------------------------------------------------------------------------
 presets = 'dit_mnist,dit_cifar10,unet_mnist,unet_mnist_small'  # config/<name>.py for the DiT; unet_* the course's UNet
@@ -332,8 +332,13 @@ if minrf_dir:
 if ideal:
     bench_ideal()
     raise SystemExit
-torch.set_float32_matmul_precision('highest')
-peaks = {'float32': matmul_peak(torch.float32), 'bfloat16': matmul_peak(torch.bfloat16)}
+if device_type == 'cuda':  # as the train scripts run: TF32 for fp32 matmuls and convolutions alike; a GPU needs
+    setup_precision(device, 'float32')  # large matmuls, many of them, and more timed steps for a stable number
+    iters, peak_n, peak_reps = max(iters, 20), 8192, 50
+else:
+    torch.set_float32_matmul_precision('highest')
+    peak_n, peak_reps = 2048, 10
+peaks = {'float32': matmul_peak(torch.float32, peak_n, peak_reps), 'bfloat16': matmul_peak(torch.bfloat16, peak_n, peak_reps)}
 print(f'device {device}, {torch.get_num_threads()} threads | measured matmul peak: '
       f'fp32 {peaks["float32"] / 1e9:.0f} GFLOP/s, bf16 {peaks["bfloat16"] / 1e9:.0f} GFLOP/s', flush=True)
 rows = []

@@ -227,11 +227,13 @@ class DiT_Llama(nn.Module):
 # CFG model (time + class with a null class), chosen by its arguments
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice with a residual; the conditioning scales and shifts the second norm."""
-    def __init__(self, c_in, c_out, emb_dim=0):
+    """GroupNorm-SiLU-conv twice with a residual; the conditioning scales and shifts the second norm. norm=False:
+    no GroupNorm (a convolution-only network); padding_mode: 'zeros' or 'circular'."""
+    def __init__(self, c_in, c_out, emb_dim=0, norm=True, padding_mode='zeros'):
         super().__init__()
-        self.norm1, self.conv1 = nn.GroupNorm(math.gcd(8, c_in), c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm2, self.conv2 = nn.GroupNorm(math.gcd(8, c_out), c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        gn = lambda c: nn.GroupNorm(math.gcd(8, c), c) if norm else nn.Identity()
+        self.norm1, self.conv1 = gn(c_in), nn.Conv2d(c_in, c_out, 3, padding=1, padding_mode=padding_mode)
+        self.norm2, self.conv2 = gn(c_out), nn.Conv2d(c_out, c_out, 3, padding=1, padding_mode=padding_mode)
         self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * c_out)) if emb_dim else None
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
@@ -256,38 +258,44 @@ class AttnBlock(nn.Module):
         return x + self.proj(y.transpose(-1, -2).reshape(B, C, H, W))
 
 class UNet(nn.Module):
+    """attn_levels: the levels (0 = full resolution) with self-attention; the middle block has it when the deepest
+    level does. attn_levels=() and norm=False make it convolution-only, as the ideal machines assume."""
     def __init__(self, in_channels=1, input_size=32, base_channels=32, channel_mult=(1, 2, 2), attn_levels=(2,),
-                 n_res=2, time_cond=True, num_classes=0, p_uncond=0.1):
+                 n_res=2, time_cond=True, num_classes=0, p_uncond=0.1, norm=True, padding_mode='zeros'):
         super().__init__()
         assert input_size % 2 ** (len(channel_mult) - 1) == 0, f'input_size must be divisible by {2 ** (len(channel_mult) - 1)}'
         self.in_channels, self.input_size, self.time_cond, self.num_classes = in_channels, input_size, time_cond, num_classes
         emb_dim = 4 * base_channels if (time_cond or num_classes) else 0
         self.t_embedder = TimestepEmbedder(emb_dim, freq_dim=base_channels) if time_cond else None
         self.y_embedder = LabelEmbedder(num_classes, emb_dim, p_uncond) if num_classes else None
-        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        conv = lambda c_in, c_out, **kw: nn.Conv2d(c_in, c_out, 3, padding=1, padding_mode=padding_mode, **kw)
+        block = lambda c_in, c_out: ResBlock(c_in, c_out, emb_dim, norm, padding_mode)
+        self.conv_in = conv(in_channels, base_channels)
         chans, ch = [base_channels], base_channels
         self.down = nn.ModuleList()
         for level, mult in enumerate(channel_mult):
             for _ in range(n_res):
-                self.down.append(nn.ModuleList([ResBlock(ch, base_channels * mult, emb_dim)]))
+                self.down.append(nn.ModuleList([block(ch, base_channels * mult)]))
                 ch = base_channels * mult
                 if level in attn_levels:
                     self.down[-1].append(AttnBlock(ch))
                 chans.append(ch)
             if level < len(channel_mult) - 1:
-                self.down.append(nn.ModuleList([nn.Conv2d(ch, ch, 3, stride=2, padding=1)]))
+                self.down.append(nn.ModuleList([conv(ch, ch, stride=2)]))
                 chans.append(ch)
-        self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim), AttnBlock(ch), ResBlock(ch, ch, emb_dim)])
+        mid_attn = [AttnBlock(ch)] if len(channel_mult) - 1 in attn_levels else []
+        self.mid = nn.ModuleList([block(ch, ch), *mid_attn, block(ch, ch)])
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for i in range(n_res + 1):
-                self.up.append(nn.ModuleList([ResBlock(ch + chans.pop(), base_channels * mult, emb_dim)]))
+                self.up.append(nn.ModuleList([block(ch + chans.pop(), base_channels * mult)]))
                 ch = base_channels * mult
                 if level in attn_levels:
                     self.up[-1].append(AttnBlock(ch))
             if level > 0:
-                self.up.append(nn.ModuleList([nn.Upsample(scale_factor=2, mode='nearest'), nn.Conv2d(ch, ch, 3, padding=1)]))
-        self.out = nn.Sequential(nn.GroupNorm(math.gcd(8, ch), ch), nn.SiLU(), nn.Conv2d(ch, in_channels, 3, padding=1))
+                self.up.append(nn.ModuleList([nn.Upsample(scale_factor=2, mode='nearest'), conv(ch, ch)]))
+        self.out = nn.Sequential(nn.GroupNorm(math.gcd(8, ch), ch) if norm else nn.Identity(), nn.SiLU(),
+                                 conv(ch, in_channels))
 
     def _run(self, layers, h, emb):
         for layer in layers:
@@ -315,9 +323,32 @@ class UNet(nn.Module):
             h = self._run(layers, h, emb)
         return self.out(h)
 
+class ResNet(nn.Module):
+    """The convolution-only network of Kamb & Ganguli's MNIST experiments: n_layers 3x3 convolutions at full
+    resolution (receptive field 2 n_layers + 1), the middle ones residual and conditioned on t; no norm, no attention."""
+    def __init__(self, in_channels=1, input_size=32, width=64, n_layers=8, padding_mode='zeros'):
+        super().__init__()
+        self.in_channels, self.input_size, self.time_cond, self.num_classes = in_channels, input_size, True, 0
+        conv = lambda c_in, c_out: nn.Conv2d(c_in, c_out, 3, padding=1, padding_mode=padding_mode)
+        self.t_embedder = TimestepEmbedder(4 * width, freq_dim=width)
+        self.conv_in, self.conv_out = conv(in_channels, width), conv(width, in_channels)
+        self.convs = nn.ModuleList(conv(width, width) for _ in range(n_layers - 2))
+        self.embs = nn.ModuleList(nn.Linear(4 * width, 2 * width) for _ in range(n_layers - 2))
+
+    def forward(self, x, t, y=None):
+        emb = F.silu(self.t_embedder(t))
+        h = self.conv_in(x)
+        for conv, lin in zip(self.convs, self.embs):  # h + conv(silu(h * (1 + scale) + shift))
+            scale, shift = lin(emb)[:, :, None, None].chunk(2, dim=1)
+            h = h + conv(F.silu(torch.addcmul(shift, h, 1 + scale)))
+        return self.conv_out(F.silu(h))
+
 def build_model(model_args, sdpa=True):
-    """The network a checkpoint's model_args describe: DiT-LLaMA args have `dim`, the UNet's `base_channels`."""
-    return DiT_Llama(**model_args, sdpa=sdpa) if 'dim' in model_args else UNet(**model_args)
+    """The network a checkpoint's model_args describe: DiT-LLaMA args have `dim`, the ResNet's `width`, the UNet's
+    `base_channels`."""
+    if 'dim' in model_args:
+        return DiT_Llama(**model_args, sdpa=sdpa)
+    return ResNet(**model_args) if 'width' in model_args else UNet(**model_args)
 
 # =============================================================================
 # The flow: loss, time grids and ODE solvers with classifier-free guidance

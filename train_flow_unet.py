@@ -3,6 +3,8 @@ Time-conditioned flow-matching UNet: learn v(x_t, t) = eps - x0 with t ~ U(0, 1)
 
     python train_flow_unet.py --data_dir=../shared/data           # MNIST at 32x32, 10 epochs
     torchrun --nproc_per_node=2 train_flow_unet.py --dataset=fashion_mnist
+    python train_flow_unet.py --attn_levels="()" --norm=False     # convolution only (the ideal machines' setting)
+    python train_flow_unet.py --arch=resnet --padding_mode=circular  # 8 full-resolution 3x3 convolutions, no norm
 
 Writes under out_dir: ckpt.pt (what ideal_machines.py compares against), log.jsonl, loss.png,
 samples_epochNN.png after each epoch in sample_epochs (8x8 grid from noise) and samples.png at the end.
@@ -16,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import (Batches, DATASETS, Progress, RectifiedFlow, UNet, check_choices, cosine_lr, die,
+from model import (Batches, DATASETS, Progress, RectifiedFlow, build_model, check_choices, cosine_lr, die,
                    load_training_set, plot_loss, resume_checkpoint, rng_states, sample, save_checkpoint, save_grid,
                    set_rng_states, setup_distributed, setup_precision, start_log, update_ema)
 
@@ -49,9 +51,15 @@ seed = 1337
 t_sampling = 'uniform'
 sample_steps = 50
 # model
-base_channels = 32
+arch = 'unet'  # unet | resnet (convolution only, full resolution: the ideal machines' network)
+base_channels = 32  # unet
 channel_mult = (1, 2, 2)
 n_res = 2  # ResBlocks per level (1 halves the cost: what the CPU runs in the README use)
+attn_levels = (2,)  # levels with self-attention (0 = full resolution; () = none, and none in the middle either)
+norm = True  # GroupNorm in every ResBlock (False + attn_levels=() = convolution only)
+width = 64  # resnet: channels
+n_layers = 8  # resnet: 3x3 convolutions (receptive field 2 n_layers + 1)
+padding_mode = 'zeros'  # zeros | circular, for every 3x3 convolution of either network
 # system
 device = 'auto'
 dtype = 'bfloat16'
@@ -63,7 +71,8 @@ config_domains = dict(  # each number's domain: a kind of configurator.py (count
     lr_decay_iters=(-1, 10 ** 7), weight_decay='nonneg', beta1='decay', beta2='decay', grad_clip='positive', ema_decay='decay',
     seed='seed',  # training
     sample_steps='count',  # flow
-    base_channels='size', channel_mult='size', n_res='size')  # model
+    base_channels='size', channel_mult='size', n_res='size', attn_levels='count0', width='size',
+    n_layers=(3, 1000))  # model
 config_keys = [k for k, v in globals().items()  # the settings configurator.py may change, as nanoGPT declares them
                if not k.startswith('_') and k.islower() and isinstance(v, (bool, int, float, str, tuple, list, type(None)))]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
@@ -73,7 +82,8 @@ config = {k: globals()[k] for k in config_keys}
 
 check_choices(dataset=(dataset, DATASETS), dtype=(dtype, ('bfloat16', 'float32')),
               device=(device, ('auto', 'cpu', 'cuda')), init_from=(init_from, ('scratch', 'resume')),
-              t_sampling=(t_sampling, ('logit_normal', 'uniform', 'mode')))
+              t_sampling=(t_sampling, ('logit_normal', 'uniform', 'mode')), arch=(arch, ('unet', 'resnet')),
+              padding_mode=(padding_mode, ('zeros', 'circular')))
 ddp, rank, local_rank, world_size, device = setup_distributed(device, batch_size)
 master, device_type = rank == 0, ('cuda' if device.startswith('cuda') else 'cpu')
 log = print if master else (lambda *a, **k: None)
@@ -90,18 +100,22 @@ iters_per_epoch = batches.iters_per_epoch
 if iters_per_epoch == 0:
     die(f'{len(x_all)} images are fewer than one batch of {batch_size}: lower --batch_size')
 max_iters = max_iters or epochs * iters_per_epoch
-if S % 2 ** (len(channel_mult) - 1):
+if arch == 'unet' and S % 2 ** (len(channel_mult) - 1):
     die(f'image_size {S} must be divisible by {2 ** (len(channel_mult) - 1)} for channel_mult {channel_mult}')
 
-# model: a UNet conditioned on t only
+# model: a UNet or a ResNet conditioned on t only
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-model_args = dict(in_channels=C, input_size=S, base_channels=base_channels, channel_mult=tuple(channel_mult), n_res=n_res,
-                  time_cond=True, num_classes=0)
+if arch == 'unet':
+    model_args = dict(in_channels=C, input_size=S, base_channels=base_channels, channel_mult=tuple(channel_mult),
+                      n_res=n_res, attn_levels=tuple(attn_levels), norm=norm, padding_mode=padding_mode, time_cond=True,
+                      num_classes=0)
+else:
+    model_args = dict(in_channels=C, input_size=S, width=width, n_layers=n_layers, padding_mode=padding_mode)
 iter_num, ckpt = 0, None
 if init_from == 'resume':
-    ckpt = resume_checkpoint(ckpt_path, dict(in_channels=C, input_size=S, time_cond=True, num_classes=0))
+    ckpt = resume_checkpoint(ckpt_path, dict(in_channels=C, input_size=S))
     model_args, iter_num = ckpt['model_args'], ckpt['iter_num']
-model = UNet(**model_args).to(device, memory_format=memory_format)
+model = build_model(model_args).to(device, memory_format=memory_format)
 ema = copy.deepcopy(model).eval().requires_grad_(False)
 optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay,
                               fused=True)  # one fused kernel for the whole update, on CPU and GPU
@@ -129,14 +143,14 @@ def write_samples(path):
 def write_plot():
     rows = [json.loads(line) for line in open(log_path)]
     plot_loss([r['iter'] for r in rows], [r['loss'] for r in rows], os.path.join(out_dir, 'loss.png'),
-              title=f'flow-matching UNet on {dataset}')
+              title=f'flow-matching {arch} on {dataset}')
 
 
 log_path = os.path.join(out_dir, 'log.jsonl')
 if master:
     os.makedirs(out_dir, exist_ok=True)
     start_log(log_path, iter_num)
-log(f'flow UNet {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | {dataset} {len(x_all)} images at '
+log(f'flow {arch} {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | {dataset} {len(x_all)} images at '
     f'{C}x{S}x{S} | {world_size} process(es) on {device}, {dtype} | batch {batch_size}, '
     f'{iters_per_epoch} iters/epoch, iters {iter_num} -> {max_iters}', flush=True)
 

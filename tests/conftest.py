@@ -138,19 +138,19 @@ def dit_run(mnist_dir, tmp_path_factory):
     return out, p
 
 
-@pytest.fixture(scope='session')
-def flow_run(mnist_dir, tmp_path_factory):
-    """A tiny time-conditioned flow UNet, 2 epochs of 8 iterations."""
-    out = str(tmp_path_factory.mktemp('flow_unet'))
-    p = run('train_flow_unet.py', f'--data_dir={mnist_dir}', f'--out_dir={out}', '--epochs=2', '--sample_epochs=(1,2)',
+def unet_run(script, mnist_dir, tmp_path_factory):
+    """A tiny UNet of train_flow_unet.py or train_class_cfg.py, 2 epochs of 8 iterations: (out_dir, completed process)."""
+    out = str(tmp_path_factory.mktemp(script[:-3]))
+    p = run(script, f'--data_dir={mnist_dir}', f'--out_dir={out}', '--epochs=2', '--sample_epochs=(1,2)',
             '--learning_rate=3e-3', *TINY_UNET)
     return out, p
+
+
+@pytest.fixture(scope='session')
+def flow_run(mnist_dir, tmp_path_factory):
+    return unet_run('train_flow_unet.py', mnist_dir, tmp_path_factory)
 
 
 @pytest.fixture(scope='session')
 def cfg_run(mnist_dir, tmp_path_factory):
-    """A tiny class-conditional UNet, 2 epochs of 8 iterations."""
-    out = str(tmp_path_factory.mktemp('class_cfg'))
-    p = run('train_class_cfg.py', f'--data_dir={mnist_dir}', f'--out_dir={out}', '--epochs=2', '--sample_epochs=(1,2)',
-            '--learning_rate=3e-3', *TINY_UNET)
-    return out, p
+    return unet_run('train_class_cfg.py', mnist_dir, tmp_path_factory)

@@ -143,11 +143,11 @@ def test_blocks_do_not_grow_with_n(machine, monkeypatch):
 
 
 def test_calibration_picks_the_lower_median_of_each_samples_best_p():
-    """A fake network that is LS with P = 3, 3, 7, 7 on its four samples: at every t < 1 each sample's best P is its
-    own P (cosine 1), and the schedule takes the lower median, 3 (the mean would say 5, the upper median 7); t = 1
-    takes the P of the next t. The cosine is between noise predictions eps = x_t + (1 - t) v."""
+    """A fake network that is LS with P = 5, 5, 9, 9 on its four samples: at each t < 1 each sample's best P is its
+    own P (cosine 1), and the schedule takes the lower median, 5 (the mean would say 7, the upper median 9); t = 1
+    takes the P of the next t (not the smallest). The cosine is between noise predictions eps = x_t + (1 - t) v."""
     train = digits(20, seed=13)
-    own = [3, 3, 7, 7]
+    own = [5, 5, 9, 9]
 
     class Net(torch.nn.Module):
         def forward(self, x, t, y=None):
@@ -158,9 +158,9 @@ def test_calibration_picks_the_lower_median_of_each_samples_best_p():
     net = Net()
     net.num_classes = 0
     path = im.network_path(net, torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(14)), 4, 'euler')
-    ts, Ps, best = im.calibrate('LS', path, train, [3, 5, 7], log=lambda s: None)
-    assert ts == pytest.approx([1, 0.75, 0.5, 0.25]) and Ps[:3] == [3, 3, 3]
-    assert best[0] is None and best[1] == best[2] == own, best  # (at t = 0.25 P = 5 and 7 may tie: both copy)
+    ts, Ps, best = im.calibrate('LS', path, train, [3, 5, 7, 9], log=lambda s: None)
+    assert ts == pytest.approx([1, 0.75, 0.5, 0.25]) and Ps[:3] == [5, 5, 5]
+    assert best[0] is None and best[1] == best[2] == own, best  # (at t = 0.25 several P may tie: all copy)
     assert Ps[3] == sorted(best[3])[1]
 
 

@@ -1,24 +1,18 @@
 """
-The "ideal score machines" of Kamb & Ganguli (arXiv:2412.20292) beside a trained flow network, in this project's
-convention x_t = (1 - t) x0 + t eps (equations: ideal_machines.md). Each machine turns x_t into an estimate x0_hat from
-the training set alone, hence v = (x_t - x0_hat) / t, integrated with the network's solver and time grid. Weights:
-    w ∝ exp(-|| q - (1 - t) k ||^2 / (2 t^2))   averaging the centre pixel of k (q: a piece of x_t, k: of a training image)
-  IS     q = the whole image: a posterior over training images, so it can only return one of them;
-  LS     q = the P x P patch around each pixel (zero padding), k = the patch at the same place of every image;
-  ELS    q = the patch with circular padding, k = every patch lying fully inside any image (for circular networks);
-  bbELS  zero padding; an interior patch against every interior patch, a border patch only against patches that
-         cross the same borders at the same depths (the paper's machine for zero-padded networks).
+The "ideal score machines" of Kamb & Ganguli (arXiv:2412.20292) beside a trained flow network (equations and
+conventions: ideal_machines.md). Each machine estimates x0_hat from the training set alone, hence v = (x_t - x0_hat) / t,
+integrated with the network's solver and grid; weights ∝ exp(-||q - (1 - t) k||^2 / (2 t^2)) average k's centre pixel.
+  IS     q = the whole image (it can only return a training image);  LS  q = the P x P patch (zero padding), k = the
+  patch at the same place;  ELS  q circular, k = every patch fully inside an image (circular networks);  bbELS  zero
+  padding, interior patches against all interior ones, border patches only against the same borders at the same depths.
 
     python ideal_machines.py --data_dir=../shared/data --ckpt=out/flow_unet/ckpt.pt   # calibrate P(t), then compare
     python ideal_machines.py --patch_schedule=out/ideal/patch_schedule.json            # reuse a calibration
-    python ideal_machines.py --patch_size=7 --machines=IS,LS,ELS,bbELS                 # one fixed P
 
-The patch size P(t) of each machine is calibrated as the paper does: along the network's own sampler, the P whose
-eps_hat has the largest cosine with the network's eps, per sample, then the (lower) median over samples. Writes under
-out_dir: patch_schedule.json and schedule.png (P against t per machine), compare.png (rows: noise, network, machines,
-nearest training image; a column per noise) and compare.json: per machine the median over noises of the Pearson r with
-the network's image (the paper's number), 1 - SSE/SST (stricter) and the MSE. The training set streams in chunks
-through an online softmax, so memory does not grow with N beyond the images themselves.
+P(t) is calibrated per machine as the paper does (cosine of eps_hat with the network's eps along its own sampler).
+Writes under out_dir: patch_schedule.json, schedule.png, compare.png (rows: noise, network, machines, nearest training
+image; a column per noise) and compare.json (median over noises of the Pearson r with the network, the paper's number;
+1 - SSE/SST and MSE beside it). The training set streams through an online softmax: memory does not grow with N.
 """
 import json
 import os
@@ -28,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 MACHINES = ('IS', 'LS', 'ELS', 'bbELS')
-BLOCK = 2 ** 21  # the largest logits block formed at once (8 MB in fp32: stays in the L3 cache), whatever N is
+BLOCK = 2 ** 20  # the largest logits block formed at once (4 MB in fp32: stays in the L3 cache), whatever N is
 QTILE = 1024  # queries per logits block, so a block is QTILE x (BLOCK / QTILE) candidates: a well-shaped matmul
 peak = {'block': 0}  # the largest logits block formed so far (the tests check it does not grow with N)
 LOG2E = 1.4426950408889634  # logits are kept in base 2: exp2 is faster than exp on a CPU
@@ -108,6 +102,23 @@ def candidates(phi, cl, P, dedup):
     return ka, torch.cat([torch.ones_like(v[..., :1]), v], -1).transpose(1, 2).contiguous(), skipped
 
 
+ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_linear_pointwise')
+
+
+def stream(Q, K, V1t, m, acc):
+    """The online softmax (m [Q], acc [1 + D, Q]) over candidates K [M, J + 1] (values V1t [1 + D, M]) for queries
+    Q [Q, J + 1], in logits blocks of at most QTILE x (BLOCK / QTILE): a well-shaped matmul that stays in the cache.
+    On a CPU the matmul is oneDNN's (about 2x MKL's fp32 speed where MKL does not use AVX-512, as on AMD CPUs)."""
+    cpu = ONEDNN and Q.device.type == 'cpu'
+    qt = min(len(Q), QTILE)
+    mt = max(1, BLOCK // qt)
+    for j in range(0, len(K), mt):
+        w = torch.ops.mkldnn._reorder_linear_weight(K[j:j + mt], qt) if cpu else K[j:j + mt].T  # packed once per block
+        for q0 in range(0, len(Q), qt):
+            logits = torch.ops.mkldnn._linear_pointwise(Q[q0:q0 + qt], w, None, 'none', [], '') if cpu else Q[q0:q0 + qt] @ w
+            softmax_update(m[None, q0:q0 + qt], acc[None, :, q0:q0 + qt], logits[None], V1t[None, :, j:j + mt])
+
+
 @torch.no_grad()
 def x0_hat(machine, xt, t, train, P=7, chunk=256):
     """The machine's estimate of x0 for x_t [B, C, H, W] (all noises at once) at time t (0 < t <= 1) from train
@@ -136,22 +147,14 @@ def x0_hat(machine, xt, t, train, P=7, chunk=256):
     ms = [q.new_full(Q.shape[:2], -float('inf')) for Q in Qa]  # [G, B s]: queries ordered by (noise, location)
     accs = [q.new_zeros(len(Q), 1 + C, Q.shape[1]) for Q in Qa]
     blanks = [0] * len(bks)
-    buf = q.new_empty(BLOCK)  # the logits block, written in place each time
     per_image = sum(cl.numel() for _, cl in bks)  # candidates per training image
     n = max(1, min(chunk, 2 ** 24 // (per_image * (q.shape[1] + 1))))  # images per chunk: candidates <= 64 MB
     for i in range(0, len(train), n):
         for b, (ql, cl) in enumerate(bks):
-            ka, V1t, skipped = candidates(train[i:i + n], cl, P, dedup=len(cl) == 1)
+            ka, V1t, skipped = candidates(train[i:i + n], cl, P, dedup=len(cl) == 1)  # gathered once per chunk
             blanks[b] += skipped
-            G, Q, M = len(cl), Qa[b].shape[1], ka.shape[1]
-            qt = min(Q, max(1, QTILE // G))
-            mt = max(1, BLOCK // (G * qt))
-            for j in range(0, M, mt):
-                kt, vt = ka[:, j:j + mt].transpose(1, 2), V1t[:, :, j:j + mt]
-                for q0 in range(0, Q, qt):
-                    Qt = Qa[b][:, q0:q0 + qt]
-                    logits = torch.bmm(Qt, kt, out=buf[:G * Qt.shape[1] * kt.shape[2]].view(G, Qt.shape[1], -1))
-                    softmax_update(ms[b][:, q0:q0 + qt], accs[b][:, :, q0:q0 + qt], logits, vt)
+            for g in range(len(cl)):
+                stream(Qa[b][g], ka[g], V1t[g], ms[b][g], accs[b][g])
     for b, (ql, cl) in enumerate(bks):
         if blanks[b]:  # the blank patch once, with logit + log2(count) and value -1
             kb = F.pad(-xt.new_ones(1, C, H, W), (r, r, r, r)).unfold(2, P, 1).unfold(3, P, 1)
@@ -262,19 +265,19 @@ if __name__ == '__main__':  # the experiment; importing this file gives only the
     patch_schedule = ''  # a patch_schedule.json to reuse ('' = calibrate now and write one)
     calib_sizes = ()  # odd P tried by the calibration (() = 3, 5, ... up to the image side - 1)
     calib_noises = 20  # noises the calibration samples the network from (the paper: 20)
-    calib_train = 5000  # the first images of the training set the calibration uses (0 = all; the paper: 5000)
+    calib_train = 5000  # the calibration uses the first (at most) this many training images (the paper: 5000)
     chunk = 256  # training images per streamed chunk (at most)
     fig_noises = 12  # noises (columns) in compare.png
     seed = 0
     config_domains = dict(  # each number's domain: a kind of configurator.py (count >= 1, count0 >= 0, ...) or a range
         num_noises='count0', num_train='count0', steps='count', patch_size='count0', calib_sizes='size',
-        calib_noises='count', calib_train='count0', chunk='count', fig_noises='count', seed='seed')
+        calib_noises='count', calib_train='count', chunk='count', fig_noises='count', seed='seed')
     config_keys = [k for k, v in globals().items()  # the settings configurator.py may change, as nanoGPT declares them
                    if not k.startswith('_') and k.islower() and isinstance(v, (bool, int, float, str, tuple, list, type(None)))]
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
     # -------------------------------------------------------------------------
     if device not in ('auto', 'cpu', 'cuda') and not device.startswith('cuda:'):
-        die(f"unknown device {device!r}: choose auto, cpu or cuda")
+        die(f"unknown device {device!r}: choose auto, cpu or cuda")  # before anything is loaded
     device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
     if patch_size % 2 == 0 and patch_size:
         die(f'patch_size must be odd (or 0 = calibrated), got {patch_size}')
@@ -329,7 +332,7 @@ if __name__ == '__main__':  # the experiment; importing this file gives only the
         sizes = list(calib_sizes or range(3, S, 2))
         if 'ELS' in names and max(sizes) > S:
             die(f'calib_sizes {tuple(sizes)} go beyond the {S}x{S} image (ELS compares patches fully inside)')
-        calib = train[:calib_train or len(train)]
+        calib = train[:calib_train]
         zc = torch.randn(calib_noises, C, S, S, generator=torch.Generator().manual_seed(seed + 1)).to(device)
         print(f'calibrating P in {sizes} on the first {len(calib)} training images, {calib_noises} noises', flush=True)
         path = network_path(net, zc, steps, solver)
@@ -343,15 +346,10 @@ if __name__ == '__main__':  # the experiment; importing this file gives only the
         import matplotlib
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(5, 3.5))
         for m in patched:
-            ax.plot(scheds[m]['t'], scheds[m]['P'], 'o-', label=m)
-        ax.set(xlabel='t (1 = noise)', ylabel='patch size P', title=f'calibrated P(t) against {type(net).__name__}')
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, 'schedule.png'), dpi=100)
-        plt.close(fig)
+            plt.plot(scheds[m]['t'], scheds[m]['P'], 'o-', label=m)
+        plt.gca().set(xlabel='t (1 = noise)', ylabel='patch size P', title=f'P(t) calibrated on {type(net).__name__}')
+        plt.legend(), plt.grid(alpha=0.3), plt.savefig(os.path.join(out_dir, 'schedule.png'), dpi=80), plt.close()
 
     # every machine from the same noises (all at once), with the network's solver and grid
     results = {'network': sample(net, z, steps=steps, solver=solver)}

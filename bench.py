@@ -34,17 +34,18 @@ device = 'auto'
 out_json = 'bench.json'
 seed = 0
 data_dir = 'data'  # MNIST for --ideal
-ideal = False  # instead: one sampling step of each ideal machine (ideal_machines.py), batch 1, 32x32 MNIST-sized
-ideal_n = (1000, 10000, 60000)  # training images
-ideal_p = (3, 7, 11, 15)  # patch sizes
+ideal = False  # instead: seconds per sampling step per noise of each ideal machine (ideal_machines.py) on MNIST
+ideal_n = (10000, 60000)  # training images
+ideal_p = (7, 27)  # patch sizes
+ideal_batch = (1, 32)  # noises run together
 ideal_machines = 'IS,LS,ELS,bbELS'
-ideal_dtype = 'float32'  # the dot products: float32 | bfloat16
 curves = ''  # 'out/a,out/b': instead of timing, overlay train_dit.py runs: quality vs minutes (eval.jsonl) or loss
 minrf_dir = ''  # a checkout of cloneofsimo/minRF (kept outside this repo): instead, its DiT beside ours at its MNIST size
 minrf_variants = 'default,fp32,bf16,fp32_sdpa,fp32_math,bf16_sdpa,bf16_math,default_compile'  # ours; default = train_dit.py's
 rounds = 5  # --minrf_dir: alternating timed rounds per implementation (the median is reported)
 config_domains = dict(  # each number's domain: a kind of configurator.py (count >= 1, count0 >= 0, ...) or a range
-    batch_size='count0', iters='count', rounds='count', warmup='count0', seed='seed', ideal_n='count', ideal_p='size')
+    batch_size='count0', iters='count', rounds='count', warmup='count0', seed='seed', ideal_n='count', ideal_p='size',
+    ideal_batch='count')
 config_keys = [k for k, v in globals().items()  # the settings configurator.py may change, as nanoGPT declares them
                if not k.startswith('_') and k.islower() and isinstance(v, (bool, int, float, str, tuple, list, type(None)))]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
@@ -169,32 +170,35 @@ def compare_curves(out_dirs, path='curves.png'):
 
 
 def bench_ideal():
-    """Seconds for one x0_hat (= one Euler step) of each machine, batch 1 at 32x32, for N images and patch size P.
-    Patch norms are computed once per P outside the timing, as ideal_machines.py reuses them across steps."""
+    """Seconds per step per noise of each machine: one x0_hat (= one Euler step) on B noises at once, divided by B, at
+    t = 0.5 on 32x32 MNIST, for N training images and patch size P (IS: no P)."""
     import ideal_machines as im
     from model import load_or_die, resize, to_model_range
     # real digits: the blank background patches they share are part of the cost
     x_mnist = load_or_die('mnist', data_dir, hint=': --ideal times the machines on real MNIST, pass --data_dir=DIR')[0]
-    x_mnist = resize(to_model_range(x_mnist), 32)
+    x_mnist = resize(to_model_range(x_mnist), 32).to(device)
+    g = torch.Generator().manual_seed(seed)
     rows = []
-    print(f'{"machine":<7} {"N":>6} {"P":>3} {"s/step":>8}  ({ideal_dtype} dot products, {torch.get_num_threads()} threads)')
+    print(f'{"machine":<7} {"N":>6} {"P":>3} {"batch":>5} {"s/step/noise":>12}  (fp32, {torch.get_num_threads()} threads, {device})')
     for n in ideal_n:
         if len(x_mnist) < n:
             print(f'only {len(x_mnist)} MNIST training images: skipping N={n}')
             continue
         train = x_mnist[:n]
-        xt = 0.5 * x_mnist[-1:] + 0.5 * torch.randn(1, 1, 32, 32)  # a digit noised to t = 0.5
-        for P in ideal_p:
-            norms = im.patch_norms(train, P)
+        for B in ideal_batch:  # test digits noised to t = 0.5
+            xt = 0.5 * x_mnist[-B:] + 0.5 * torch.randn(B, 1, 32, 32, generator=g).to(device)
             for m in ideal_machines.split(','):
-                if m == 'IS' and P != ideal_p[0]:
-                    continue  # IS has no patch
-                t0 = time.perf_counter()
-                im.x0_hat(m, xt, 0.5, train, P, norms=norms, matmul_dtype=getattr(torch, ideal_dtype))
-                rows.append(dict(machine=m, n=n, patch_size=P if m != 'IS' else None, sec_per_step=time.perf_counter() - t0))
-                print(f'{m:<7} {n:>6} {P if m != "IS" else "-":>3} {rows[-1]["sec_per_step"]:>8.2f}', flush=True)
+                for P in ideal_p[:1] if m == 'IS' else ideal_p:
+                    sync()
+                    t0 = time.perf_counter()
+                    im.x0_hat(m, xt, 0.5, train, P)
+                    sync()
+                    rows.append(dict(machine=m, n=n, patch_size=None if m == 'IS' else P, batch=B,
+                                     sec_per_step_per_noise=(time.perf_counter() - t0) / B))
+                    print(f'{m:<7} {n:>6} {"-" if m == "IS" else P:>3} {B:>5} {rows[-1]["sec_per_step_per_noise"]:>12.3f}', flush=True)
     with open(out_json, 'w') as f:
-        json.dump(dict(ideal=rows, dtype=ideal_dtype, threads=torch.get_num_threads()), f, indent=1)
+        json.dump(dict(ideal=rows, device=device, threads=torch.get_num_threads()), f, indent=1)
+    print(f'written {out_json}')
 
 
 def script_defaults(script):

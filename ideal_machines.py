@@ -1,20 +1,18 @@
 """
-The "ideal score machines" of Kamb & Ganguli (arXiv:2412.20292) beside the trained flow UNet, in this project's
-convention x_t = (1 - t) x0 + t eps. Each machine turns x_t into an estimate x0_hat from the training set alone,
-hence a velocity v = (x_t - x0_hat) / t, integrated with the UNet's solver and time grid. The softmax weights are
-    w ∝ exp(-|| q - (1 - t) k ||^2 / (2 t^2))     (q: a piece of x_t, k: the matching piece of a training image)
-  IS     q = the whole image: a posterior over training images, so it can only return one of them;
-  LS     q = the P x P patch around each pixel, compared with the patch at the same place of every image;
-  ELS    ... compared with the patches at every place of every image (translation equivariant);
-  bbELS  ELS where a patch that crosses the border is compared only with patches that cross it the same way.
+The "ideal score machines" of Kamb & Ganguli (arXiv:2412.20292) beside a trained flow network (equations and
+conventions: ideal_machines.md). Each machine estimates x0_hat from the training set alone, hence v = (x_t - x0_hat) / t,
+integrated with the network's solver and grid; weights ∝ exp(-||q - (1 - t) k||^2 / (2 t^2)) average k's centre pixel.
+  IS     q = the whole image (it can only return a training image);  LS  q = the P x P patch (zero padding), k = the
+  patch at the same place;  ELS  q circular, k = every patch fully inside an image (circular networks);  bbELS  zero
+  padding, interior patches against all interior ones, border patches only against the same borders at the same depths.
 
-    python ideal_machines.py --data_dir=../shared/data --ckpt=out/flow_unet/ckpt.pt --num_train=0 --patch_size=7
-    python ideal_machines.py --data_dir=../shared/data --calibrate   # P per t: the machine closest to the UNet
+    python ideal_machines.py --data_dir=../shared/data --ckpt=out/flow_unet/ckpt.pt   # calibrate P(t), then compare
+    python ideal_machines.py --patch_schedule=out/ideal/patch_schedule.json            # reuse a calibration
 
-Writes under out_dir: compare.png (a row per noise: noise, UNet, IS, LS, ELS, bbELS, nearest training image to
-the UNet's sample), compare.json (r^2 and MSE of each machine against the UNet, median over the noises) and,
-with --calibrate, patch_schedule.json. The training set streams in chunks with a running log-sum-exp, so memory
-does not grow with N beyond the images themselves and their patch norms.
+P(t) is calibrated per machine as the paper does (cosine of eps_hat with the network's eps along its own sampler).
+Writes under out_dir: patch_schedule.json, schedule.png, compare.png (rows: noise, network, machines, nearest training
+image; a column per noise) and compare.json (median over noises of the Pearson r with the network, the paper's number;
+1 - SSE/SST and MSE beside it). The training set streams through an online softmax: memory does not grow with N.
 """
 import json
 import os
@@ -24,223 +22,286 @@ import torch
 import torch.nn.functional as F
 
 MACHINES = ('IS', 'LS', 'ELS', 'bbELS')
-
-
-def patches(x, P):
-    """[B, C, H, W] -> [B, C*P*P, H*W]: the P x P patch around every pixel, zero outside the image."""
-    return F.unfold(x, P, padding=P // 2)
-
-
-def patch_norms(train, P):
-    """||k||^2 of every training patch, [N, H*W]: a box filter over phi^2 (computed once per P, reused every step)."""
-    sq = train.pow(2).sum(1, keepdim=True)
-    return (F.avg_pool2d(sq, P, stride=1, padding=P // 2, count_include_pad=True) * P * P).flatten(1)
-
-
-BLOCK = 2 ** 20  # the largest logits block ELS / bbELS form at once (4 MB in fp32, cache-sized), whatever N is
+BLOCK = 2 ** 20  # the largest logits block formed at once (4 MB in fp32: stays in the L3 cache), whatever N is
+QTILE = 1024  # queries per logits block, so a block is QTILE x (BLOCK / QTILE) candidates: a well-shaped matmul
 peak = {'block': 0}  # the largest logits block formed so far (the tests check it does not grow with N)
-LOG2E = 1.4426950408889634  # logits are kept in base 2: exp2 is ~2x faster than exp on a CPU
+LOG2E = 1.4426950408889634  # logits are kept in base 2: exp2 is faster than exp on a CPU
 
 
-def softmax_update(state, logits, V):
-    """One block of an online softmax over the last dim of logits [..., Q, M] (base-2 logits) with values V [..., M, C].
-    state (m, acc): the running max m [..., Q] and acc = sum_j 2^(logit_j - m) [1, V_j] [..., Q, 1 + C] (column 0 is
-    the normaliser). A block that raises the max to m' rescales acc by 2^(m - m'). logits is overwritten."""
+def softmax_update(m, acc, logits, V1t):
+    """One block of G online softmaxes, in place. logits [G, Q, M] (base 2, overwritten), V1t [G, 1 + D, M] (row 0:
+    ones, the normaliser; then the values); m [G, Q] the running max, acc [G, 1 + D, Q] the running sums
+    sum_j 2^(logit_j - m) V1_j. A block that raises the max to m' first rescales acc by 2^(m - m')."""
     peak['block'] = max(peak['block'], logits.numel())
-    m_old, acc = state
-    m = torch.maximum(m_old, logits.amax(-1))
-    e = logits.sub_(m.unsqueeze(-1)).exp2_()
-    return m, acc * torch.exp2(m_old - m).unsqueeze(-1) + torch.cat([e.sum(-1, keepdim=True), e @ V], -1)
+    m_new = torch.maximum(m, logits.amax(-1))
+    acc.mul_(torch.exp2(m - m_new).unsqueeze(1))
+    m.copy_(m_new)
+    e = logits.sub_(m_new.unsqueeze(-1)).exp2_()
+    acc.baddbmm_(V1t, e.transpose(1, 2))  # [1 + D, M] @ [M, Q]: ~10x faster on a CPU than e @ V1 ([Q, M] @ [M, 1 + D])
 
 
-def empty_state(*shape, C):
-    """The online softmax before any block: max -inf, nothing accumulated."""
-    return torch.full(shape, -float('inf')), torch.zeros(*shape, 1 + C)
-
-
-def groups_for(machine, H, W, P):
-    """Which candidate locations each query location is compared with: [(query_locs, candidate_locs)].
-    ELS: one group, all with all. bbELS: a group per border class (how far a patch sticks out on each side)."""
-    if machine == 'ELS':
-        every = torch.arange(H * W)
-        return [(every, every)]
+def box(x, P):
+    """Sum over the P x P window around each pixel, zero outside the image (separable: 2P operations per pixel)."""
     r = P // 2
+    return F.avg_pool2d(F.avg_pool2d(x, (P, 1), 1, (r, 0)), (1, P), 1, (0, r)) * (P * P)
+
+
+def same_place(xt, t, train, P, chunk):
+    """IS (P = 0: the whole image) and LS: a softmax over images only, per location (IS: one location)."""
+    B, C, H, W = xt.shape
+    G, D = (1, C * H * W) if P == 0 else (H * W, C)
+    m, acc = xt.new_full((G, B), -float('inf')), xt.new_zeros(G, 1 + D, B)
+    n = max(1, min(chunk, 2 ** 22 // (B * C * H * W)))  # images per chunk: [B, n, C, H, W] stays ~16 MB
+    for i in range(0, len(train), n):
+        phi = train[i:i + n]
+        d2 = (xt[:, None] - (1 - t) * phi[None]).pow(2).sum(2)  # [B, n, H, W]: ||x_t - (1 - t) phi||^2 per pixel
+        d2 = d2.flatten(2).sum(2, keepdim=True) if P == 0 else box(d2, P).flatten(2)  # [B, n, G]: over image / patch
+        logits = (d2 * (-LOG2E / (2 * t * t))).permute(2, 0, 1).contiguous()  # [G, B, n]
+        V = phi.flatten(1).T[None] if P == 0 else phi.flatten(2).permute(2, 1, 0)  # [G, D, n]
+        softmax_update(m, acc, logits, torch.cat([torch.ones_like(V[:, :1]), V], 1))
+    x0 = acc[:, 1:] / acc[:, :1]  # [G, D, B]
+    return x0[0].T.reshape(B, C, H, W) if P == 0 else x0.permute(2, 1, 0).reshape(B, C, H, W)
+
+
+def groups(machine, H, W, P):
+    """Which candidate locations each query location is compared with, as buckets of equal-size groups:
+    [(ql [G, s], cl [G, s'])], flat locations; a query at ql[g, i] meets the candidates at cl[g] of every image.
+    ELS: every location against every fully-inside one. bbELS: a group per border class (how far the patch sticks out
+    on each side); classes of one location (corners) are LS there and are left to it."""
+    r, L = P // 2, torch.arange(H * W)
+    if machine == 'ELS':
+        return [(L[None], L.view(H, W)[r:H - r, r:W - r].reshape(1, -1))]
     border = lambda i, n: (max(0, r - i), max(0, i + r - (n - 1)))  # rows (cols) of the patch outside the image
-    classes = {}
+    classes, buckets = {}, {}
     for i in range(H):
         for j in range(W):
             classes.setdefault((border(i, H), border(j, W)), []).append(i * W + j)
-    return [(torch.tensor(g), torch.tensor(g)) for g in classes.values()]
+    for g in classes.values():
+        if len(g) > 1:
+            buckets.setdefault(len(g), []).append(g)
+    return [(torch.tensor(b), torch.tensor(b)) for b in buckets.values()]
+
+
+def candidates(phi, cl, P, dedup):
+    """The candidate patches of a chunk of images at locations cl [G, s']: ([k, ||k||^2] [G, M, J + 1],
+    [1, centre pixel] [G, 1 + C, M], number of blank patches left out). dedup (one group only): patches that are
+    blank (-1 wherever inside the image) are left out, to be counted once with their multiplicity."""
+    n, C, H, W = phi.shape
+    r, J = P // 2, C * P * P
+    all_k = F.pad(phi, (r, r, r, r)).unfold(2, P, 1).unfold(3, P, 1).permute(0, 2, 3, 1, 4, 5)  # [n, H, W, C, P, P] view
+    if dedup:
+        keep = box((phi != -1).any(1, keepdim=True).float(), P).flatten(1)[:, cl[0]] > 0  # [n, s']: not blank
+        mu, j = keep.nonzero(as_tuple=True)
+        y = cl[0][j]
+        k, v = all_k[mu, y // W, y % W].reshape(1, -1, J), phi[mu, :, y // W, y % W][None]  # gathered once per chunk
+        skipped = keep.numel() - len(mu)
+    else:
+        k = all_k[:, cl // W, cl % W].transpose(0, 1).reshape(len(cl), -1, J)  # [G, n s', J]
+        v, skipped = phi[:, :, cl // W, cl % W].permute(2, 0, 3, 1).reshape(len(cl), -1, C), 0
+    ka = torch.cat([k, k.pow(2).sum(-1, keepdim=True)], -1)
+    return ka, torch.cat([torch.ones_like(v[..., :1]), v], -1).transpose(1, 2).contiguous(), skipped
+
+
+ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_linear_pointwise')
+
+
+def stream(Q, K, V1t, m, acc):
+    """The online softmax (m [Q], acc [1 + D, Q]) over candidates K [M, J + 1] (values V1t [1 + D, M]) for queries
+    Q [Q, J + 1], in logits blocks of at most QTILE x (BLOCK / QTILE): a well-shaped matmul that stays in the cache.
+    On a CPU the matmul is oneDNN's (about 2x MKL's fp32 speed where MKL does not use AVX-512, as on AMD CPUs)."""
+    cpu = ONEDNN and Q.device.type == 'cpu'
+    qt = min(len(Q), QTILE)
+    mt = max(1, BLOCK // qt)
+    for j in range(0, len(K), mt):
+        w = torch.ops.mkldnn._reorder_linear_weight(K[j:j + mt], qt) if cpu else K[j:j + mt].T  # packed once per block
+        for q0 in range(0, len(Q), qt):
+            logits = torch.ops.mkldnn._linear_pointwise(Q[q0:q0 + qt], w, None, 'none', [], '') if cpu else Q[q0:q0 + qt] @ w
+            softmax_update(m[None, q0:q0 + qt], acc[None, :, q0:q0 + qt], logits[None], V1t[None, :, j:j + mt])
 
 
 @torch.no_grad()
-def x0_hat(machine, xt, t, train, P=7, chunk=256, norms=None, matmul_dtype=torch.float32):
-    """The machine's estimate of x0 for x_t [B, C, H, W] at time t (0 < t <= 1) from train [N, C, H, W]. norms:
-    patch_norms(train, P), kept across calls by the caller (ELS and bbELS only; None = per chunk)."""
+def x0_hat(machine, xt, t, train, P=7, chunk=256):
+    """The machine's estimate of x0 for x_t [B, C, H, W] (all noises at once) at time t (0 < t <= 1) from train
+    [N, C, H, W] (same device), with P x P patches."""
     B, C, H, W = xt.shape
-    a = 1.0 - t
-    if machine in ('IS', 'LS'):  # softmax over images only, per location (IS: one location, the whole image)
-        L = 1 if machine == 'IS' else H * W
-        state = empty_state(L, B, C=C * H * W if machine == 'IS' else C)
-        for i in range(0, len(train), chunk):
-            phi = train[i:i + chunk]
-            d2 = (xt[:, None] - a * phi[None]).pow(2).sum(2)  # [B, n, H, W]: the squared distance per pixel
-            if machine == 'IS':
-                d2 = d2.flatten(2).sum(2, keepdim=True)  # [B, n, 1]
-            else:  # ||q - a k||^2 of the P x P patches at the same place: a box filter (zero padding for both)
-                d2 = (F.avg_pool2d(d2, P, 1, P // 2, count_include_pad=True) * (P * P)).flatten(2)  # [B, n, L]
-            V = phi.flatten(1)[None] if machine == 'IS' else phi.flatten(2).permute(2, 0, 1)  # [L, n, C] (IS: [1, n, CHW])
-            state = softmax_update(state, d2.permute(2, 0, 1) * (-LOG2E / (2 * t * t)), V)
-        x0 = state[1][..., 1:] / state[1][..., :1]  # [L, B, C] (IS: [1, B, CHW])
-        return x0[0].reshape(B, C, H, W) if machine == 'IS' else x0.permute(1, 2, 0).reshape(B, C, H, W)
-    # ELS / bbELS: softmax over (image, location) within each group of locations. Blank patches (background -1
-    # everywhere inside the image) repeat at each location in most images: each counts once, with its multiplicity.
+    if machine == 'IS':
+        return same_place(xt, t, train, 0, chunk)
+    if machine == 'LS' or machine == 'bbELS':  # bbELS: LS is right at the locations alone in their class
+        out = same_place(xt, t, train, P, chunk).flatten(2)
+    if machine == 'ELS':
+        if P > min(H, W):
+            raise ValueError(f'ELS needs patches that fit inside the image: P = {P} > {min(H, W)}')
+        out = xt.new_empty(B, C, H * W)
+    elif machine == 'LS':
+        return out.view(B, C, H, W)
+    a, r = 1.0 - t, P // 2
     # logit = -||q - a k||^2 / (2 t^2) = [2 a q.k - a^2 ||k||^2] / (2 t^2) + const(q)
-    #       = [q a / t^2, -a^2 / (2 t^2)] . [k, ||k||^2]: one matmul per block (times log2(e): base-2 logits);
-    # ||q||^2 is the same for every candidate and drops out of the softmax
-    aug_q = lambda q: LOG2E * torch.cat([q * (a / t ** 2), torch.full((len(q), 1), -a * a / (2 * t * t))], 1)
-    q = patches(xt, P)
-    J, r = q.shape[1], P // 2
-    groups = groups_for(machine, H, W, P)
-    Qs = [aug_q(q[:, :, ql].transpose(1, 2).reshape(-1, J)).to(matmul_dtype) for ql, _ in groups]  # [B*|q|, J+1]
-    states = [empty_state(len(Q), C=C) for Q in Qs]
-    blank = patches(-torch.ones(1, C, H, W), P)[0]  # [J, L]: the blank patch at every location
-    blank_count = torch.zeros(H * W)
-    for i in range(0, len(train), chunk):
-        phi = train[i:i + chunk]
-        # a patch is blank when sum |phi + 1| over it is 0 (a box filter, much cheaper than comparing patches)
-        is_blank = (F.avg_pool2d((phi + 1).abs().sum(1, keepdim=True), P, 1, r) < 1e-7).flatten(1)  # [n, L]
-        blank_count += is_blank.sum(0)
-        kn = norms[i:i + chunk] if norms is not None else patch_norms(phi, P)  # [n, L]
-        # every patch as a view [n, H, W, C, P, P] of the zero-padded chunk: the non-blank ones are gathered once
-        all_k = F.pad(phi, (r, r, r, r)).unfold(2, P, 1).unfold(3, P, 1).permute(0, 2, 3, 1, 4, 5)
-        for g, (ql, cl) in enumerate(groups):
-            keep = torch.zeros_like(is_blank)
-            keep[:, cl] = ~is_blank[:, cl]
-            K = all_k[keep.view(-1, H, W)].reshape(-1, J)  # [M, J]: the non-blank candidates of this group
-            K = torch.cat([K, kn[keep].unsqueeze(1)], 1).to(matmul_dtype)  # [M, J+1]
-            V = phi.flatten(2).transpose(1, 2)[keep]  # [M, C]: their centre pixels
-            step = max(1, BLOCK // len(Qs[g]))  # candidates per logits block, so the block stays <= BLOCK
-            buf = torch.empty(len(Qs[g]) * step, dtype=matmul_dtype)  # the logits block, written in place each time
-            for j in range(0, len(K), step):
-                n = min(step, len(K) - j)
-                logits = torch.mm(Qs[g], K[j:j + n].T, out=buf[:len(Qs[g]) * n].view(len(Qs[g]), n))
-                states[g] = softmax_update(states[g], logits.float(), V[j:j + n])
-    out = torch.empty(B, C, H * W)
-    for g, (ql, cl) in enumerate(groups):
-        cl = cl[blank_count[cl] > 0]
-        if len(cl):  # the blank candidates: logit + log2(count), value -1
-            Kb = torch.cat([blank[:, cl].T, blank[:, cl].T.pow(2).sum(1, keepdim=True)], 1).to(matmul_dtype)
-            logits = (Qs[g] @ Kb.T).float() + blank_count[cl].log2()
-            states[g] = softmax_update(states[g], logits, -torch.ones(len(cl), C))
-        acc = states[g][1]
-        out[:, :, ql] = (acc[:, 1:] / acc[:, :1]).reshape(B, len(ql), C).transpose(1, 2)
-    return out.reshape(B, C, H, W)
+    #       = [q a / t^2, -a^2 / (2 t^2)] . [k, ||k||^2]: one matmul per block, times log2(e) (base-2 logits);
+    # ||q||^2 is the same for every candidate and drops out of the softmax. fp32: bf16 logits are too coarse at small t
+    bks = groups(machine, H, W, P)
+    if not bks:  # bbELS with every location alone in its class: LS
+        return out.view(B, C, H, W)
+    q = F.unfold(F.pad(xt, (r, r, r, r), mode='circular' if machine == 'ELS' else 'constant'), P)  # [B, J, H W]
+    Qa = [LOG2E * torch.cat([q[:, :, ql].permute(2, 0, 3, 1).reshape(len(ql), -1, q.shape[1]) * (a / t ** 2),
+                             q.new_full((len(ql), B * ql.shape[1], 1), -a * a / (2 * t * t))], -1) for ql, _ in bks]
+    ms = [q.new_full(Q.shape[:2], -float('inf')) for Q in Qa]  # [G, B s]: queries ordered by (noise, location)
+    accs = [q.new_zeros(len(Q), 1 + C, Q.shape[1]) for Q in Qa]
+    blanks = [0] * len(bks)
+    per_image = sum(cl.numel() for _, cl in bks)  # candidates per training image
+    n = max(1, min(chunk, 2 ** 24 // (per_image * (q.shape[1] + 1))))  # images per chunk: candidates <= 64 MB
+    for i in range(0, len(train), n):
+        for b, (ql, cl) in enumerate(bks):
+            ka, V1t, skipped = candidates(train[i:i + n], cl, P, dedup=len(cl) == 1)  # gathered once per chunk
+            blanks[b] += skipped
+            for g in range(len(cl)):
+                stream(Qa[b][g], ka[g], V1t[g], ms[b][g], accs[b][g])
+    for b, (ql, cl) in enumerate(bks):
+        if blanks[b]:  # the blank patch once, with logit + log2(count) and value -1
+            kb = F.pad(-xt.new_ones(1, C, H, W), (r, r, r, r)).unfold(2, P, 1).unfold(3, P, 1)
+            kb = kb[0, :, cl[0, 0] // W, cl[0, 0] % W].reshape(1, 1, -1)
+            logits = torch.bmm(Qa[b], torch.cat([kb, kb.pow(2).sum(-1, keepdim=True)], -1).transpose(1, 2))
+            V1t = torch.cat([xt.new_ones(1, 1, 1), -xt.new_ones(1, C, 1)], 1)
+            softmax_update(ms[b], accs[b], logits + torch.log2(torch.tensor(float(blanks[b]))), V1t)
+        x0 = accs[b][:, 1:] / accs[b][:, :1]  # [G, C, B s]
+        out[:, :, ql] = x0.view(len(ql), C, B, -1).permute(2, 1, 0, 3)
+    return out.view(B, C, H, W)
 
 
 class Machine:
     """A machine as a velocity model for model.sample: v(x_t, t) = (x_t - x0_hat) / t. patch_size is an int or a
-    function t -> P (a calibrated schedule)."""
+    function t -> P (a calibrated schedule). log: a progress line per evaluation, with speed and ETA."""
     num_classes = 0
 
-    def __init__(self, machine, train, patch_size, chunk=256, matmul_dtype=torch.float32, calls=0):
-        self.machine, self.train, self.patch_size, self.chunk, self.dtype = machine, train, patch_size, chunk, matmul_dtype
-        self.norms = {}  # P -> training patch norms, reused across steps
+    def __init__(self, machine, train, patch_size, chunk=256, calls=0):
+        self.machine, self.train, self.patch_size, self.chunk = machine, train, patch_size, chunk
         self.calls, self.done, self.t_start = calls, 0, time.time()  # calls > 0: a progress line per evaluation
 
     def __call__(self, x, t, y=None):
         t = max(float(t.flatten()[0]), 1e-3)  # the last Euler step is taken from t = dt > 0
         P = self.patch_size(t) if callable(self.patch_size) else self.patch_size
-        if self.machine in ('ELS', 'bbELS') and P not in self.norms:
-            self.norms[P] = patch_norms(self.train, P)
-        x0 = x0_hat(self.machine, x.float(), t, self.train, P, self.chunk, self.norms.get(P), self.dtype)
+        x0 = x0_hat(self.machine, x.float(), t, self.train, P, self.chunk)
         self.done += 1
         if self.calls:
             el = time.time() - self.t_start
-            print(f'  {self.machine} {self.done}/{self.calls} t={t:.3f} P={P} | {el / self.done:.1f}s per evaluation | '
-                  f'ETA {(self.calls - self.done) * el / self.done:.0f}s', flush=True)
+            print(f'  {self.machine} {self.done}/{self.calls} t={t:.3f} P={P} | {el / self.done:.1f}s per step for '
+                  f'{len(x)} noises | ETA {(self.calls - self.done) * el / self.done:.0f}s', flush=True)
         return (x - x0) / t
 
 
-def nearest_t_schedule(ts, ps):
+def network_path(net, z, steps, solver):
+    """The network's own sampler from z: [(t, x_t, eps)] at each grid time t > 0, eps = x_t + (1 - t) v its noise
+    prediction (x_t = (1 - t) x0 + t eps, v = eps - x0)."""
+    from model import sample, time_grid
+    _, traj = sample(net, z, steps=steps, solver=solver, return_traj=True)
+    ts = time_grid(steps).tolist()[:-1]
+    return [(t, x, x + (1 - t) * net(x, torch.full((len(x),), t, device=x.device))) for t, x in zip(ts, traj)]
+
+
+@torch.no_grad()
+def calibrate(machine, path, train, sizes, chunk=256, log=print):
+    """The paper's calibration: at each t of the path, for each P, the cosine between the machine's
+    eps_hat = (x_t - (1 - t) x0_hat) / t and the network's eps, per sample; each sample's best P, then the lower median
+    over samples (an odd P). At t = 1 every P gives eps_hat = x_t: that t takes the P of the next t.
+    Returns (t list, P list, [per t: each sample's best P])."""
+    ts, Ps, best, t0 = [], [], [], time.time()
+    todo = [(t, x, eps) for t, x, eps in path if t < 1]
+    for k, (t, x, eps) in enumerate(todo):
+        cos = torch.stack([F.cosine_similarity(((x - (1 - t) * x0_hat(machine, x, t, train, P, chunk)) / t).flatten(1),
+                                               eps.flatten(1)) for P in sizes])  # [len(sizes), B]
+        best.append([sizes[i] for i in cos.argmax(0).tolist()])
+        ts.append(t)
+        Ps.append(int(torch.tensor(best[-1]).median()))  # torch.median: the lower median
+        el = time.time() - t0
+        log(f'  calibrate {machine} t={t:.3f}: P {Ps[-1]} (per sample {best[-1]}) | {el:.0f}s, '
+            f'ETA {el / (k + 1) * (len(todo) - k - 1):.0f}s')
+    if len(todo) < len(path):  # t = 1
+        ts, Ps, best = [1.0] + ts, Ps[:1] + Ps, [None] + best
+    return ts, Ps, best
+
+
+def schedule_fn(ts, Ps):
     """A patch-size schedule t -> P from calibrated pairs: the P of the nearest calibrated t."""
     ts = torch.tensor(ts)
-    return lambda t: ps[int((ts - t).abs().argmin())]
+    return lambda t: Ps[int((ts - t).abs().argmin())]
 
 
-def r2(pred, target):
-    """Pixel-wise r^2 of pred against target, per image: 1 - SSE / total variance of the target."""
-    sse = (pred - target).pow(2).flatten(1).sum(1)
-    tot = (target - target.flatten(1).mean(1).view(-1, 1, 1, 1)).pow(2).flatten(1).sum(1)
-    return 1 - sse / tot
+def agreement(x, ref):
+    """Per image against ref: the Pearson r (mean-subtracted, normalised dot product over all pixels: the paper's
+    number), 1 - SSE/SST (stricter, about 2r - 1 at equal variances) and the MSE."""
+    x, ref = x.flatten(1).double(), ref.flatten(1).double()
+    xc, rc = x - x.mean(1, keepdim=True), ref - ref.mean(1, keepdim=True)
+    sse = (x - ref).pow(2).sum(1)
+    return dict(r=(xc * rc).sum(1) / (xc.norm(dim=1) * rc.norm(dim=1)), one_minus_sse_sst=1 - sse / rc.pow(2).sum(1),
+                mse=sse / x.shape[1])
 
 
 @torch.no_grad()
 def nearest(x, train, chunk=4096):
     """The training image closest (L2) to each image of x, and the distance."""
-    best_d, best_i = torch.full((len(x),), float('inf')), torch.zeros(len(x), dtype=torch.long)
-    xf = x.flatten(1)
+    best_d = torch.full((len(x),), float('inf'), device=x.device)
+    best_i = torch.zeros(len(x), dtype=torch.long, device=x.device)
     for i in range(0, len(train), chunk):
-        d = torch.cdist(xf, train[i:i + chunk].flatten(1))
-        m, j = d.min(1)
+        m, j = torch.cdist(x.flatten(1), train[i:i + chunk].flatten(1)).min(1)
         better = m < best_d
         best_d, best_i = torch.where(better, m, best_d), torch.where(better, j + i, best_i)
     return train[best_i], best_d
 
 
 if __name__ == '__main__':  # the experiment; importing this file gives only the machines above
-    from model import (NFE_PER_STEP, die, load_flow_model, load_or_die, resize, sample, save_labelled_grid, time_grid,
-                       to_model_range)
+    from model import NFE_PER_STEP, die, load_flow_model, load_or_die, resize, sample, save_labelled_grid, to_model_range
     # -------------------------------------------------------------------------
     out_dir = 'out/ideal'
-    ckpt = 'out/flow_unet/ckpt.pt'  # the flow UNet of train_flow_unet.py
+    ckpt = 'out/flow_unet/ckpt.pt'  # an unconditional flow network of train_flow_unet.py
     data_dir = 'data'
     dataset = ''  # '' = the checkpoint's dataset
+    device = 'auto'  # auto | cpu | cuda (auto: cuda when available)
+    machines = ''  # '' = IS,LS,bbELS for a zero-padded network, IS,LS,ELS for a circular one
     noise_file = ''  # a [1, C, H, W] tensor saved with torch.save: one more starting noise
-    num_noises = 5
+    num_noises = 30
     num_train = 0  # training images the machines see (0 = all)
-    patch_size = 7  # odd
-    machines = 'IS,LS,ELS,bbELS'
     steps = 20
     solver = 'euler'
-    calibrate = False  # choose P per t against the UNet and save the schedule
-    calib_sizes = (3, 5, 7, 9, 11, 15)
-    patch_schedule = ''  # a patch_schedule.json from --calibrate: use its P per t instead of patch_size
-    chunk = 256  # training images per streamed chunk
-    matmul_dtype = 'float32'  # float32 | bfloat16 (faster dot products, but on a CPU the logits come out in bf16: coarse at small t)
+    patch_size = 0  # 0 = a calibrated P(t) per machine; else this odd P for every machine and t
+    patch_schedule = ''  # a patch_schedule.json to reuse ('' = calibrate now and write one)
+    calib_sizes = ()  # odd P tried by the calibration (() = 3, 5, ... up to the image side - 1)
+    calib_noises = 20  # noises the calibration samples the network from (the paper: 20)
+    calib_train = 5000  # the calibration uses the first (at most) this many training images (the paper: 5000)
+    chunk = 256  # training images per streamed chunk (at most)
+    fig_noises = 12  # noises (columns) in compare.png
     seed = 0
     config_domains = dict(  # each number's domain: a kind of configurator.py (count >= 1, count0 >= 0, ...) or a range
-        num_noises='count0', num_train='count0', patch_size='size', steps='count', calib_sizes='size', chunk='count',
-        seed='seed')
+        num_noises='count0', num_train='count0', steps='count', patch_size='count0', calib_sizes='size',
+        calib_noises='count', calib_train='count', chunk='count', fig_noises='count', seed='seed')
     config_keys = [k for k, v in globals().items()  # the settings configurator.py may change, as nanoGPT declares them
                    if not k.startswith('_') and k.islower() and isinstance(v, (bool, int, float, str, tuple, list, type(None)))]
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
     # -------------------------------------------------------------------------
-    names = machines.split(',')
+    if device not in ('auto', 'cpu', 'cuda') and not device.startswith('cuda:'):
+        die(f"unknown device {device!r}: choose auto, cpu or cuda")  # before anything is loaded
+    device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
+    if patch_size % 2 == 0 and patch_size:
+        die(f'patch_size must be odd (or 0 = calibrated), got {patch_size}')
+    if any(p % 2 == 0 for p in calib_sizes):
+        die(f'calib_sizes must be odd, got {calib_sizes}')
+    if solver not in NFE_PER_STEP:
+        die(f"unknown solver {solver!r}: choose one of {', '.join(NFE_PER_STEP)}")
+    torch.set_grad_enabled(False)
+    net, checkpoint = load_flow_model(ckpt, device)
+    if net.num_classes:
+        die(f'{ckpt} is class-conditional: the machines stand beside an unconditional network of train_flow_unet.py')
+    padding = checkpoint['model_args'].get('padding_mode', 'zeros')
+    names = (machines or ('IS,LS,ELS' if padding == 'circular' else 'IS,LS,bbELS')).split(',')
     for m in names:
         if m not in MACHINES:
             die(f"unknown machine {m!r}: choose from {', '.join(MACHINES)}")
-    if patch_size < 1 or patch_size % 2 == 0:
-        die(f'patch_size must be odd and positive, got {patch_size}')
-    if any(p < 1 or p % 2 == 0 for p in calib_sizes):
-        die(f'calib_sizes must be odd and positive, got {calib_sizes}')
-    if solver not in NFE_PER_STEP:
-        die(f"unknown solver {solver!r}: choose one of {', '.join(NFE_PER_STEP)}")
-    if steps < 1 or num_noises < 0 or num_train < 0:
-        die(f'steps must be >= 1 and num_noises, num_train >= 0 (got {steps}, {num_noises}, {num_train})')
-    if matmul_dtype not in ('float32', 'bfloat16'):
-        die(f"unknown matmul_dtype {matmul_dtype!r}: choose float32 or bfloat16")
-    mm_dtype = getattr(torch, matmul_dtype)
-    torch.set_grad_enabled(False)
-    unet, checkpoint = load_flow_model(ckpt, 'cpu')
-    if unet.num_classes:
-        die(f'{ckpt} is class-conditional: the machines stand beside the unconditional UNet of train_flow_unet.py')
     dataset = dataset or checkpoint.get('config', {}).get('dataset', 'mnist')
-    C, S = unet.in_channels, unet.input_size
+    C, S = net.in_channels, net.input_size
+    if patch_size > S and 'ELS' in names:
+        die(f'patch_size {patch_size} does not fit inside a {S}x{S} image (ELS compares patches fully inside)')
     x_train, _ = load_or_die(dataset, data_dir, True, S, hint=f': pass --data_dir=DIR with the real {dataset}')
     if num_train:
         x_train = x_train[torch.randperm(len(x_train), generator=torch.Generator().manual_seed(seed))[:num_train]]
-    train = resize(to_model_range(x_train), S).contiguous()
+    train = resize(to_model_range(x_train), S).contiguous().to(device)
     z = torch.randn(num_noises, C, S, S, generator=torch.Generator().manual_seed(seed))
     if noise_file:
         try:
@@ -250,58 +311,71 @@ if __name__ == '__main__':  # the experiment; importing this file gives only the
         if not torch.is_tensor(extra) or tuple(extra.shape) != (1, C, S, S):
             die(f'noise_file {noise_file} must hold a tensor of shape [1, {C}, {S}, {S}]')
         z = torch.cat([z, extra.float()])
+    if not len(z):
+        die('no noises: set num_noises >= 1 or pass a noise_file')
+    z = z.to(device)
     os.makedirs(out_dir, exist_ok=True)
-    print(f'{len(train)} training images of {dataset} at {C}x{S}x{S}, {len(z)} noises, {solver} {steps} steps, P {patch_size}')
+    print(f'{type(net).__name__} ({padding} padding) on {device}: {len(train)} training images of {dataset} at '
+          f'{C}x{S}x{S}, {len(z)} noises, {solver} {steps} steps, machines {",".join(names)}', flush=True)
 
-    schedule = None
-    if patch_schedule:
-        sched = json.load(open(patch_schedule))
-        schedule = nearest_t_schedule(sched['t'], sched['P'])
-    if calibrate:  # for each t of the grid: the P whose ELS x0_hat is closest (median r^2) to the UNet's on its own path
-        ts = time_grid(steps).tolist()
-        x, best = z.clone(), []
-        calib_norms = {P: patch_norms(train, P) for P in calib_sizes}  # once, not at every t
-        calib_ts = []
-        for t, t_next in zip(ts[:-1], ts[1:]):
-            v = unet(x, torch.full((len(x),), t))
-            if t < 1:  # at t = 1 every P gives the same x0_hat (the mean pixel): it takes the P of the next t
-                x0_unet = x - t * v  # the UNet's own x0 estimate on its own path
-                t0 = time.time()
-                scores = {P: r2(x0_hat('ELS', x, t, train, P, chunk, calib_norms[P], mm_dtype), x0_unet).median().item()
-                          for P in calib_sizes}
-                calib_ts.append(t)
-                best.append(max(scores, key=scores.get))
-                print(f'calibrate t={t:.3f}: ' + ', '.join(f'P{P} r2 {s:.3f}' for P, s in scores.items()) +
-                      f' -> P {best[-1]} ({time.time() - t0:.0f}s)', flush=True)
-            x = x + (t_next - t) * v  # Euler along the UNet's path
-        ts = calib_ts
-        json.dump(dict(t=ts, P=best), open(os.path.join(out_dir, 'patch_schedule.json'), 'w'))
-        schedule = nearest_t_schedule(ts, best)
+    # the patch size of each machine: fixed, reused, or calibrated now against the network
+    patched = [m for m in names if m != 'IS']
+    scheds = {}
+    if patch_size == 0 and patched and patch_schedule:
+        try:
+            scheds = json.load(open(patch_schedule))['machines']
+        except (OSError, ValueError, KeyError) as e:
+            die(f'cannot read patch_schedule {patch_schedule} ({type(e).__name__}): pass a patch_schedule.json of this script')
+        if any(m not in scheds for m in patched):
+            die(f'patch_schedule {patch_schedule} has no schedule for {", ".join(m for m in patched if m not in scheds)}')
+    elif patch_size == 0 and patched:
+        sizes = list(calib_sizes or range(3, S, 2))
+        if 'ELS' in names and max(sizes) > S:
+            die(f'calib_sizes {tuple(sizes)} go beyond the {S}x{S} image (ELS compares patches fully inside)')
+        calib = train[:calib_train]
+        zc = torch.randn(calib_noises, C, S, S, generator=torch.Generator().manual_seed(seed + 1)).to(device)
+        print(f'calibrating P in {sizes} on the first {len(calib)} training images, {calib_noises} noises', flush=True)
+        path = network_path(net, zc, steps, solver)
+        for m in patched:
+            ts, Ps, best = calibrate(m, path, calib, sizes, chunk)
+            scheds[m] = dict(t=ts, P=Ps, best_P_per_noise=best)
+        json.dump(dict(ckpt=ckpt, num_train=len(calib), train=f'the first {len(calib)} of the {len(train)} training '
+                       f'images the machines use', noises=calib_noises, noise_seed=seed + 1, steps=steps, solver=solver,
+                       sizes=sizes, machines=scheds), open(os.path.join(out_dir, 'patch_schedule.json'), 'w'), indent=1)
+    if scheds:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+        for m in patched:
+            plt.plot(scheds[m]['t'], scheds[m]['P'], 'o-', label=m)
+        plt.gca().set(xlabel='t (1 = noise)', ylabel='patch size P', title=f'P(t) calibrated on {type(net).__name__}')
+        plt.legend(), plt.grid(alpha=0.3), plt.savefig(os.path.join(out_dir, 'schedule.png'), dpi=80), plt.close()
 
-    # every machine from the same noises, with the UNet's solver and grid
-    results = {'UNet': sample(unet, z, steps=steps, solver=solver)}
+    # every machine from the same noises (all at once), with the network's solver and grid
+    results = {'network': sample(net, z, steps=steps, solver=solver)}
     for m in names:
         t0 = time.time()
-        machine = Machine(m, train, schedule or patch_size, chunk, mm_dtype, calls=steps * NFE_PER_STEP[solver])
+        P = schedule_fn(scheds[m]['t'], scheds[m]['P']) if m in scheds else patch_size or 0
+        machine = Machine(m, train, P, chunk, calls=steps * NFE_PER_STEP[solver])
         results[m] = sample(machine, z, steps=steps, solver=solver)
-        print(f'{m}: {time.time() - t0:.1f}s ({(time.time() - t0) / steps:.2f}s per step for {len(z)} noises)', flush=True)
-    near, dist = nearest(results['UNet'], train)
-    table = {}
-    for m in names:
-        table[m] = dict(r2=r2(results[m], results['UNet']).median().item(),
-                        mse=(results[m] - results['UNet']).pow(2).flatten(1).mean(1).median().item())
-    table['nearest training image'] = dict(r2=r2(near, results['UNet']).median().item(),
-                                           mse=(near - results['UNet']).pow(2).flatten(1).mean(1).median().item())
-    cols = ['noise', 'UNet', *names, 'nearest train']
-    rows = torch.stack([torch.stack([z[i].clamp(-1, 1), results['UNet'][i], *[results[m][i] for m in names], near[i]])
-                        for i in range(len(z))])
-    labels = [f'noise {i}' for i in range(num_noises)] + (['noise_file'] if noise_file else [])
-    save_labelled_grid(rows, os.path.join(out_dir, 'compare.png'), labels,
-                       f'{solver} {steps} steps, N={len(train)}, P={"calibrated" if schedule else patch_size}', cols)
-    json.dump(dict(ckpt=ckpt, num_train=len(train), patch_size=patch_size, calibrated=schedule is not None,
-                   steps=steps, solver=solver, num_noises=len(z), agreement_with_unet=table),
+        print(f'{m}: {time.time() - t0:.1f}s ({(time.time() - t0) / steps / len(z):.2f}s per step per noise)', flush=True)
+    near, dist = nearest(results['network'], train)
+    results['nearest training image'] = near
+    per_noise = {k: agreement(x, results['network']) for k, x in results.items() if k != 'network'}
+    median = lambda v: v.quantile(0.5).item()  # as numpy's median: the mean of the two middle values for an even count
+    table = {k: {s: median(v) for s, v in a.items()} for k, a in per_noise.items()}
+    cols = list(range(min(fig_noises, num_noises))) + ([len(z) - 1] if noise_file else [])
+    rows = torch.stack([z[cols].clamp(-1, 1)] + [results[k][cols] for k in results]).cpu()
+    save_labelled_grid(rows, os.path.join(out_dir, 'compare.png'), ['noise', type(net).__name__, *names, 'nearest train'],
+                       f'{solver} {steps} steps, N={len(train)}, P {"calibrated" if scheds else patch_size or "-"}',
+                       [f'noise {i}' if i < num_noises else 'noise_file' for i in cols])
+    json.dump(dict(ckpt=ckpt, network=type(net).__name__, padding_mode=padding, num_train=len(train), steps=steps,
+                   solver=solver, num_noises=len(z), patch_size=patch_size, patch_schedule=patch_schedule or (
+                       os.path.join(out_dir, 'patch_schedule.json') if scheds else ''),
+                   median_over_noises=table, r_per_noise={k: a['r'].tolist() for k, a in per_noise.items()}),
               open(os.path.join(out_dir, 'compare.json'), 'w'), indent=1)
-    print(f'\nagreement with the UNet (median over {len(z)} noises)\n{"machine":>24} {"r2":>7} {"MSE":>7}')
-    for m, row in table.items():
-        print(f'{m:>24} {row["r2"]:7.3f} {row["mse"]:7.4f}')
-    print(f'wrote {out_dir}/compare.png, compare.json')
+    print(f'\nagreement with the {type(net).__name__} (median over {len(z)} noises; r = Pearson correlation, the '
+          f'paper\'s number)\n{"":>24} {"r":>7} {"1-SSE/SST":>10} {"MSE":>7}')
+    for k, row in table.items():
+        print(f'{k:>24} {row["r"]:7.3f} {row["one_minus_sse_sst"]:10.3f} {row["mse"]:7.4f}')
+    print(f'wrote {out_dir}/compare.png, compare.json' + (', patch_schedule.json, schedule.png' if scheds else ''))

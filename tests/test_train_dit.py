@@ -210,3 +210,50 @@ def test_in_training_evaluation_logs_quality_against_minutes(mnist_dir, tmp_path
     one_line_error(run('train_dit.py', '--dataset=cifar10', '--eval_interval=5', f'--out_dir={never}', check=False),
                    '--eval_interval', 'not cifar10')
     assert not os.path.exists(never)
+
+
+def planted_dit(shift):
+    """A DiT whose velocity is a constant per class: v(x, t, y) = -5 T_(y + shift), T_k the bar of fake class k in
+    [-1, 1], and 0 for the null class. Any sampler then ends on clamp(z + 5 cfg T) = T: a known-good generator
+    (shift 0) or a known-wrong one (shift 1: every sample is the next class's bar)."""
+    from model import DiT_Llama
+    net = DiT_Llama(in_channels=1, input_size=28, patch_size=28, dim=16, n_layers=1, n_heads=1, num_classes=10,
+                    stem_channels=8)
+    templates = torch.full((10, 28 * 28), -0.8)  # the fake background (uint8 0..40 is about -0.84 .. -0.69)
+    for k in range(10):
+        templates[k].view(28, 28)[2 + 2 * k:5 + 2 * k, 3:25] = 1.0
+    with torch.no_grad():
+        for p in net.t_embedder.mlp[2].parameters():
+            p.zero_()  # no time
+        net.y_embedder.embedding.weight.zero_()
+        net.y_embedder.embedding.weight[:10, :10] = 10 * torch.eye(10)  # class k -> 10 e_k, the null class -> 0
+        mod = net.final_layer.adaLN_modulation[-1]
+        mod.weight.zero_()
+        mod.weight[:10, :10] = torch.eye(10)  # shift = silu(c), about 10 e_y
+        mod.bias[16:] = -1.0  # scale = -1: the normalised tokens are multiplied by 1 + scale = 0
+        net.final_layer.linear.weight.zero_()
+        net.final_layer.linear.weight[:, :10] = -0.5 * templates.roll(-shift, 0).T
+        net.final_layer.linear.bias.zero_()
+    return net
+
+
+@pytest.mark.parametrize('shift,expect', [(0, lambda acc: acc >= 0.95), (1, lambda acc: acc <= 0.15)])
+def test_in_training_evaluation_judges_a_planted_checkpoint(mnist_dir, tmp_path, shift, expect):
+    """The in-training evaluation of a checkpoint whose samples are known: the right bars score high, the bars of
+    the next class score low (the judge looks at what was drawn, not at the label asked for)."""
+    out = tmp_path / 'out'
+    out.mkdir()
+    net = planted_dit(shift)
+    opt = torch.optim.AdamW(net.parameters())
+    torch.save(dict(model_args=dict(in_channels=1, input_size=28, patch_size=28, dim=16, n_layers=1, n_heads=1,
+                                    num_classes=10, p_uncond=0.1, qk_norm=True, stem_channels=8),
+                    model=net.state_dict(), ema=net.state_dict(), optimizer=opt.state_dict(), iter_num=1000, epoch=0,
+                    config={}, rng=[dict(cpu=torch.get_rng_state(), cuda=None)], train_seconds=60.0), out / 'ckpt.pt')
+    # one step at a negligible learning rate from iteration 1000, so the final evaluation sees the planted weights
+    run('train_dit.py', f'--data_dir={mnist_dir}', f'--out_dir={out}', '--init_from=resume', '--max_iters=1001',
+        '--learning_rate=1e-9', '--batch_size=32', '--eval_interval=1000', '--eval_samples=100', '--sample_interval=0',
+        f'--classifier_path={tmp_path.parent / "planted_clf.pt"}', '--sample_steps=2', '--download=False')
+    rows = [json.loads(line) for line in open(out / 'eval.jsonl')]
+    assert [r['iter'] for r in rows] == [1001] and rows[0]['samples'] == 100
+    assert 1.0 <= rows[0]['minutes'] < 1.5  # the checkpoint's 60 s of training carry over
+    assert expect(rows[0]['acc']), rows[0]

@@ -32,11 +32,11 @@ def modulate(x, shift, scale):
     # AdaLN: x * (1 + scale) + shift, one (shift, scale) per sample broadcast over tokens (one fused kernel)
     return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
 
-def timestep_embedding(t, dim, max_period=10000.0):
+def timestep_embedding(t, dim):
     """Sinusoidal embedding of t in [0, 1], scaled by 1000 so that the whole frequency ladder is used
     (unscaled, the embedding is nearly linear in t)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     args = (1000.0 * t.float())[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
@@ -69,15 +69,15 @@ class LabelEmbedder(nn.Module):
 
 # 2D rotary position embedding: half the head dims rotate with the row, half with the column
 
-def rope_angles(rows, cols, head_dim, theta=10000.0):
+def rope_angles(rows, cols, head_dim):
     """Angles [L, head_dim // 2] for tokens at integer positions (rows[i], cols[i])."""
     quarter = head_dim // 4
-    freqs = 1.0 / theta ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    freqs = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
     return torch.cat([rows.float()[:, None] * freqs, cols.float()[:, None] * freqs], dim=-1)
 
-def rope_grid(h, w, head_dim, theta=10000.0):
+def rope_grid(h, w, head_dim):
     rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij')
-    return rope_angles(rows.flatten(), cols.flatten(), head_dim, theta)
+    return rope_angles(rows.flatten(), cols.flatten(), head_dim)
 
 def apply_rope(x, angles):
     """Rotate consecutive pairs (x[2i], x[2i+1]) of the last dim of x [..., L, head_dim] by angles [L, head_dim/2]:
@@ -90,12 +90,12 @@ def apply_rope(x, angles):
 
 class RMSNorm(nn.Module):
     """x / rms(x) * w, computed in the input's dtype (nn.RMSNorm falls off its fused path under bf16 autocast)."""
-    def __init__(self, dim, eps=1e-6):
+    def __init__(self, dim):
         super().__init__()
-        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return F.rms_norm(x, x.shape[-1:], self.weight.to(x.dtype), self.eps)
+        return F.rms_norm(x, x.shape[-1:], self.weight.to(x.dtype), 1e-6)
 
 def use_sdpa(attention, device_type, dtype):
     """attention = sdpa | math | auto. auto, as measured on a 2-core CPU (README): SDPA on CUDA and in fp32 (its fused
@@ -128,9 +128,9 @@ class Attention(nn.Module):
 
 class SwiGLU(nn.Module):
     """w2(silu(w1 x) * w3 x), hidden size 2/3 of 4*dim as in LLaMA, rounded up to a multiple of 32."""
-    def __init__(self, dim, multiple_of=32):
+    def __init__(self, dim):
         super().__init__()
-        hidden = multiple_of * math.ceil(int(2 * 4 * dim / 3) / multiple_of)
+        hidden = 32 * math.ceil(int(2 * 4 * dim / 3) / 32)
         self.w1 = nn.Linear(dim, hidden, bias=False)
         self.w3 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
@@ -246,9 +246,9 @@ class ResBlock(nn.Module):
 
 class AttnBlock(nn.Module):
     """Self-attention over the H*W positions of a feature map, with a residual."""
-    def __init__(self, c, n_heads=4):
+    def __init__(self, c):
         super().__init__()
-        self.n_heads = n_heads
+        self.n_heads = 4
         self.norm, self.qkv, self.proj = nn.GroupNorm(math.gcd(8, c), c), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
 
     def forward(self, x):
@@ -381,9 +381,9 @@ def shift_t(t, shift):
     # SD3 resolution shift: t' = s t / (1 + (s - 1) t); s > 1 spends more time near noise
     return shift * t / (1 + (shift - 1) * t) if shift != 1.0 else t
 
-def time_grid(steps, shift=1.0, device='cpu'):
+def time_grid(steps, shift=1.0):
     """steps + 1 times from 1 (noise) down to 0 (data)."""
-    return shift_t(torch.linspace(1.0, 0.0, steps + 1, device=device), shift)
+    return shift_t(torch.linspace(1.0, 0.0, steps + 1), shift)
 
 def guided_velocity(model, x, t, y=None, cfg=1.0):
     """v = v_uncond + cfg (v_cond - v_uncond), both passes in one doubled batch.
@@ -633,7 +633,7 @@ def to_uint8(x):
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 def resize(x, size):
-    return x if size is None or x.shape[-1] == size else F.interpolate(x, size=(size, size), mode='bilinear', antialias=True)
+    return x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode='bilinear', antialias=True)
 
 class Batches:
     """Batch number `it` of a run over uint8 images held on the training device: the order depends only on
@@ -732,12 +732,12 @@ def save_checkpoint(ckpt, path):
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
 
-def load_checkpoint(path, map_location='cpu'):
+def load_checkpoint(path):
     """A nanoflow checkpoint dict; FileNotFoundError / ValueError with a one-line reason otherwise."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'no checkpoint at {path}')
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        ckpt = torch.load(path, map_location='cpu', weights_only=False)
     except Exception as e:
         raise ValueError(f'cannot read checkpoint {path} ({type(e).__name__}); it is damaged or not a torch file') from None
     if not isinstance(ckpt, dict) or 'model_args' not in ckpt or 'model' not in ckpt:
@@ -780,7 +780,7 @@ def save_grid(x, path, nrow):
     from torchvision.utils import save_image
     save_image((x.float().clamp(-1, 1) + 1) / 2, path, nrow=nrow, padding=2, pad_value=1.0)
 
-def plot_loss(iters, losses, path, title='training loss'):
+def plot_loss(iters, losses, path, title):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -797,7 +797,7 @@ def plot_loss(iters, losses, path, title='training loss'):
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
-def save_labelled_grid(rows, path, row_labels, title='', col_labels=None):
+def save_labelled_grid(rows, path, row_labels, title, col_labels=None):
     """rows: [R, K, C, H, W] images in [-1, 1] -> one figure, a labelled row per entry of rows."""
     import matplotlib
     matplotlib.use('Agg')

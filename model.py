@@ -199,9 +199,6 @@ class DiT_Llama(nn.Module):
         self.final_layer = FinalLayer(dim, patch_size, in_channels)
         g = input_size // patch_size
         self.register_buffer('angles', rope_grid(g, g, dim // n_heads), persistent=False)
-        self._init_weights()
-
-    def _init_weights(self):
         for m in self.modules():
             if isinstance(m, nn.Linear) and m.weight.abs().sum() > 0:  # leave the zero-init (AdaLN-Zero) layers
                 nn.init.xavier_uniform_(m.weight)
@@ -377,13 +374,10 @@ class RectifiedFlow:
         per_sample = ((v.float() - (eps - x0)) ** 2).mean(dim=tuple(range(1, x0.dim())))
         return per_sample.mean(), (t.detach(), per_sample.detach())
 
-def shift_t(t, shift):
-    # SD3 resolution shift: t' = s t / (1 + (s - 1) t); s > 1 spends more time near noise
-    return shift * t / (1 + (shift - 1) * t) if shift != 1.0 else t
-
 def time_grid(steps, shift=1.0):
     """steps + 1 times from 1 (noise) down to 0 (data)."""
-    return shift_t(torch.linspace(1.0, 0.0, steps + 1), shift)
+    t = torch.linspace(1.0, 0.0, steps + 1)
+    return shift * t / (1 + (shift - 1) * t)  # SD3's shift: t' = s t / (1 + (s - 1) t); s > 1 stays near noise
 
 def guided_velocity(model, x, t, y=None, cfg=1.0):
     """v = v_uncond + cfg (v_cond - v_uncond), both passes in one doubled batch.

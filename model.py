@@ -1,15 +1,16 @@
 """
 nanoflow's one shared module, in the order a reader meets it:
 
-1. networks: the embeddings both networks use, DiT-LLaMA (AdaLN-Zero, 2D RoPE, SwiGLU) and the UNet
-   (the one-step denoiser, the flow model and the class-conditional CFG model, chosen by its arguments);
+1. networks: the time and label embeddings, DiT-LLaMA (AdaLN-Zero, 2D RoPE, SwiGLU), the UNet (the one-step
+   denoiser, the flow model and the class-conditional CFG model, chosen by its arguments) and a convolution-only
+   ResNet, and build_model, which rebuilds any of them from a checkpoint;
 2. the flow: the rectified-flow loss, time grids, ODE solvers and classifier-free guidance;
 3. EMA of the weights;
-4. what the scripts share: one-line errors, devices and DDP, data and batches, the training loop's
-   bookkeeping, checkpoints and figures.
+4. what the scripts share: one-line errors, devices and DDP, data and batches, the training loop's bookkeeping,
+   checkpoints and figures.
 
-Conventions: images in [-1, 1]; t = 0 is data, t = 1 is noise; x_t = (1 - t) x0 + t eps and the
-networks predict the velocity v = eps - x0. Sampling integrates dx/dt = v from t = 1 down to t = 0.
+Conventions: images in [-1, 1]; t = 0 is data, t = 1 is noise; x_t = (1 - t) x0 + t eps and the networks predict
+the velocity v = eps - x0. Sampling integrates dx/dt = v from t = 1 down to t = 0.
 """
 import math
 import os
@@ -33,8 +34,7 @@ def modulate(x, shift, scale):
     return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
 
 def timestep_embedding(t, dim):
-    """Sinusoidal embedding of t in [0, 1], scaled by 1000 so that the whole frequency ladder is used
-    (unscaled, the embedding is nearly linear in t)."""
+    """Sinusoidal embedding of 1000 t for t in [0, 1]: unscaled, it would be nearly linear in t."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     args = (1000.0 * t.float())[:, None] * freqs[None]
@@ -51,8 +51,7 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(timestep_embedding(t, self.freq_dim))
 
 class LabelEmbedder(nn.Module):
-    """Class labels -> vectors. Index num_classes is the null class used for CFG: in training a
-    label becomes null with probability p_uncond (label dropout)."""
+    """Labels -> vectors; index num_classes is CFG's null class, which a label becomes in training w.p. p_uncond."""
     def __init__(self, num_classes, dim, p_uncond=0.1):
         super().__init__()
         self.num_classes, self.p_uncond = num_classes, p_uncond
@@ -63,9 +62,7 @@ class LabelEmbedder(nn.Module):
         return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
 
     def forward(self, labels, train=False):
-        if train and self.p_uncond > 0:
-            labels = self.token_drop(labels)
-        return self.embedding(labels)
+        return self.embedding(self.token_drop(labels) if train and self.p_uncond > 0 else labels)
 
 # 2D rotary position embedding: half the head dims rotate with the row, half with the column
 
@@ -107,8 +104,7 @@ class Attention(nn.Module):
         super().__init__()
         assert dim % n_heads == 0 and (dim // n_heads) % 4 == 0, 'head dim must be a multiple of 4 for 2D RoPE'
         self.n_heads, self.head_dim, self.sdpa = n_heads, dim // n_heads, sdpa
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.proj = nn.Linear(dim, dim, bias=False)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim, bias=False), nn.Linear(dim, dim, bias=False)
         self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
 
@@ -131,17 +127,14 @@ class SwiGLU(nn.Module):
     def __init__(self, dim):
         super().__init__()
         hidden = 32 * math.ceil(int(2 * 4 * dim / 3) / 32)
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w1, self.w3 = nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block with AdaLN-Zero: 6 vectors (shift, scale, gate for attention and for the MLP)
-    from the conditioning; the modulation is zero at init, so the gates are 0 and the block is
-    the identity."""
+    """Pre-norm block with AdaLN-Zero: shift, scale and gate for attention and the MLP from c; at init the identity."""
     def __init__(self, dim, n_heads, qk_norm=True, sdpa=True):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -149,8 +142,8 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = SwiGLU(dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
-        nn.init.zeros_(self.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.adaLN_modulation[-1].bias)
+        for p in self.adaLN_modulation[-1].parameters():
+            nn.init.zeros_(p)
 
     def forward(self, x, c, angles):
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=-1)
@@ -164,9 +157,8 @@ class FinalLayer(nn.Module):
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
-        for m in (self.linear, self.adaLN_modulation[-1]):
-            nn.init.zeros_(m.weight)
-            nn.init.zeros_(m.bias)
+        for p in [*self.linear.parameters(), *self.adaLN_modulation[-1].parameters()]:
+            nn.init.zeros_(p)
 
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
@@ -216,16 +208,14 @@ class DiT_Llama(nn.Module):
         c = self.t_embedder(t) + self.y_embedder(y, self.training)
         for block in self.blocks:
             h = block(h, c, self.angles)
-        h = self.final_layer(h, c)
-        return unpatchify(h, self.patch_size, C, H, W)
+        return unpatchify(self.final_layer(h, c), self.patch_size, C, H, W)
 
 # -----------------------------------------------------------------------------
 # UNet: one network for the one-step denoiser (no conditioning), the flow model (time) and the
 # CFG model (time + class with a null class), chosen by its arguments
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice with a residual; the conditioning scales and shifts the second norm. norm=False:
-    no GroupNorm (a convolution-only network); padding_mode: 'zeros' or 'circular'."""
+    """GroupNorm-SiLU-conv twice with a residual (norm=False: no GroupNorm); the conditioning modulates the second."""
     def __init__(self, c_in, c_out, emb_dim=0, norm=True, padding_mode='zeros'):
         super().__init__()
         gn = lambda c: nn.GroupNorm(math.gcd(8, c), c) if norm else nn.Identity()
@@ -284,7 +274,7 @@ class UNet(nn.Module):
         self.mid = nn.ModuleList([block(ch, ch), *mid_attn, block(ch, ch)])
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
-            for i in range(n_res + 1):
+            for _ in range(n_res + 1):
                 self.up.append(nn.ModuleList([block(ch + chans.pop(), base_channels * mult)]))
                 ch = base_channels * mult
                 if level in attn_levels:
@@ -300,9 +290,7 @@ class UNet(nn.Module):
         return h
 
     def forward(self, x, t=None, y=None):
-        emb = None
-        if self.time_cond:
-            emb = self.t_embedder(t)
+        emb = self.t_embedder(t) if self.time_cond else None
         if self.num_classes:
             if y is None:  # unconditional: the null class
                 y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
@@ -321,8 +309,8 @@ class UNet(nn.Module):
         return self.out(h)
 
 class ResNet(nn.Module):
-    """The convolution-only network of Kamb & Ganguli's MNIST experiments: n_layers 3x3 convolutions at full
-    resolution (receptive field 2 n_layers + 1), the middle ones residual and conditioned on t; no norm, no attention."""
+    """Kamb & Ganguli's convolution-only MNIST network: n_layers full-resolution 3x3 convolutions (receptive field
+    2 n_layers + 1), the middle ones residual and conditioned on t; no norm, no attention."""
     def __init__(self, in_channels=1, input_size=32, width=64, n_layers=8, padding_mode='zeros'):
         super().__init__()
         self.in_channels, self.input_size, self.time_cond, self.num_classes = in_channels, input_size, True, 0
@@ -341,8 +329,7 @@ class ResNet(nn.Module):
         return self.conv_out(F.silu(h))
 
 def build_model(model_args, sdpa=True):
-    """The network a checkpoint's model_args describe: DiT-LLaMA args have `dim`, the ResNet's `width`, the UNet's
-    `base_channels`."""
+    """The network a checkpoint's model_args describe: DiT-LLaMA's have `dim`, the ResNet's `width`, else a UNet."""
     if 'dim' in model_args:
         return DiT_Llama(**model_args, sdpa=sdpa)
     return ResNet(**model_args) if 'width' in model_args else UNet(**model_args)
@@ -380,8 +367,7 @@ def time_grid(steps, shift=1.0):
     return shift * t / (1 + (shift - 1) * t)  # SD3's shift: t' = s t / (1 + (s - 1) t); s > 1 stays near noise
 
 def guided_velocity(model, x, t, y=None, cfg=1.0):
-    """v = v_uncond + cfg (v_cond - v_uncond), both passes in one doubled batch.
-    cfg = 1 is the plain conditional velocity; y = None is the unconditional model."""
+    """v = v_uncond + cfg (v_cond - v_uncond), both passes in one doubled batch; cfg = 1 or y = None: one plain pass."""
     tb = torch.full((x.shape[0],), float(t), device=x.device)
     if y is None or cfg == 1.0:
         return model(x, tb, y).to(x.dtype)
@@ -389,8 +375,7 @@ def guided_velocity(model, x, t, y=None, cfg=1.0):
     v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([tb, tb]), torch.cat([y, null])).to(x.dtype).chunk(2)
     return v_uncond + cfg * (v_cond - v_uncond)
 
-
-NFE_PER_STEP = {'euler': 1, 'midpoint': 2, 'heun': 2, 'rk4': 4}
+NFE_PER_STEP = {'euler': 1, 'midpoint': 2, 'heun': 2, 'rk4': 4}  # network calls per step (a doubled batch with CFG)
 
 def ode_step(f, x, t, t_next, solver):
     """One step of dx/dt = f(x, t) from t to t_next (dt = t_next - t is negative when sampling)."""
@@ -401,8 +386,7 @@ def ode_step(f, x, t, t_next, solver):
         return x + dt * f(x + dt / 2 * f(x, t), t + dt / 2)
     if solver == 'heun':  # trapezoid on the Euler predictor
         k1 = f(x, t)
-        k2 = f(x + dt * k1, t_next)
-        return x + dt / 2 * (k1 + k2)
+        return x + dt / 2 * (k1 + f(x + dt * k1, t_next))
     if solver == 'rk4':
         k1 = f(x, t)
         k2 = f(x + dt / 2 * k1, t + dt / 2)
@@ -413,8 +397,7 @@ def ode_step(f, x, t, t_next, solver):
 
 @torch.no_grad()
 def sample(model, z, y=None, steps=50, cfg=1.0, solver='euler', shift=1.0, return_traj=False):
-    """Integrate from z (noise, t = 1) to t = 0. Returns x0, or (x0, [x at every grid time]) when
-    return_traj. The number of network evaluations is steps * NFE_PER_STEP[solver] (x2 batch with CFG)."""
+    """Integrate from z (noise, t = 1) to t = 0: x0, or (x0, [x at every grid time]) when return_traj."""
     ts = time_grid(steps, shift).tolist()
     f = lambda x, t: guided_velocity(model, x, t, y, cfg)
     x = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z  # integrate in fp32 (or fp64)

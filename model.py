@@ -421,7 +421,6 @@ def update_ema(ema_model, model, decay):
 # What the scripts share: one-line errors, devices and processes, data and batches, the training loop's
 # bookkeeping, checkpoints, figures. Every helper here reports bad input with die(): one line, no traceback.
 
-
 DATASETS = ('mnist', 'fashion_mnist', 'cifar10', 'folder')
 
 def die(msg):
@@ -438,8 +437,7 @@ def check_choices(**settings):
 # devices, precision and processes
 
 def setup_distributed(device, batch_size):
-    """Processes from torchrun's RANK / LOCAL_RANK / WORLD_SIZE (one process without them) and the device.
-    Returns (ddp, rank, local_rank, world_size, device); the process group uses NCCL on GPU, gloo on CPU."""
+    """(ddp, rank, local_rank, world_size, device) from torchrun's environment; NCCL between GPUs, else gloo."""
     import datetime
     import torch.distributed as dist
     ddp = 'RANK' in os.environ
@@ -463,17 +461,15 @@ def setup_distributed(device, batch_size):
     return ddp, rank, local_rank, world_size, device
 
 def setup_precision(device, dtype, log=print):
-    """TF32 for fp32 matmuls and convolutions on a GPU, and the autocast context for dtype: bf16 autocast on
-    CPU and on GPUs with native bf16, else fp32 with one note. Returns (context, dtype)."""
+    """TF32 on a GPU; (autocast context, dtype): bf16 on a CPU or a GPU with native bf16, else fp32 with one note."""
     if device.startswith('cuda'):
         torch.backends.cuda.matmul.fp32_precision = 'tf32'
         torch.backends.cudnn.conv.fp32_precision = 'tf32'
         if dtype == 'bfloat16' and not torch.cuda.is_bf16_supported(including_emulation=False):
             log('note: this GPU has no native bf16, so this run uses float32')
             dtype = 'float32'
-    if dtype == 'float32':
-        return nullcontext(), dtype
-    return torch.autocast(device.split(':')[0], dtype=torch.bfloat16), dtype
+    ctx = nullcontext() if dtype == 'float32' else torch.autocast(device.split(':')[0], dtype=torch.bfloat16)
+    return ctx, dtype
 
 def rng_states(ddp, world_size):
     """Every process's RNG state (gathered to each process), so a resumed DDP run draws the same noise."""
@@ -486,8 +482,7 @@ def rng_states(ddp, world_size):
     return states
 
 def set_rng_states(states, rank, world_size, fallback_seed):
-    """Restore this process's RNG states. With another number of processes, or no CUDA state for a GPU run,
-    the generators are reseeded instead (one note from rank 0), so no run replays the draws of iteration 0."""
+    """Restore this process's RNG states, or reseed (one note) with another process count or no CUDA state for a GPU."""
     if len(states) != world_size or (torch.cuda.is_available() and states[rank]['cuda'] is None):
         torch.manual_seed(fallback_seed)  # seeds the CUDA generators too
         if rank == 0:
@@ -536,7 +531,7 @@ def _cifar10(data_dir, train, download):
         with open(os.path.join(root, f), 'rb') as fh:
             d = pickle.load(fh, encoding='latin1')
         xs.append(torch.as_tensor(np.asarray(d['data'], dtype=np.uint8)).view(-1, 3, 32, 32))
-        ys.append(torch.as_tensor(d.get('labels', d.get('fine_labels'))))
+        ys.append(torch.as_tensor(d['labels']))
     return torch.cat(xs), torch.cat(ys)
 
 def _image_folder(data_dir, image_size):
@@ -613,9 +608,8 @@ def resize(x, size):
     return x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode='bilinear', antialias=True)
 
 class Batches:
-    """Batch number `it` of a run over uint8 images held on the training device: the order depends only on
-    (seed, epoch), through a DistributedSampler share per process, so a resumed run sees exactly the same
-    batches. Images are gathered, scaled to [-1, 1] and flipped where they live."""
+    """Batch `it` of a run over uint8 images on the training device, in an order set by (seed, epoch) alone (a
+    DistributedSampler share per process), so a resumed run sees the same batches; gathered, scaled, flipped there."""
     def __init__(self, x, y, batch_size, world_size=1, rank=0, seed=0, hflip=False):
         from torch.utils.data.distributed import DistributedSampler
         self.x, self.y, self.B, self.hflip = x, y, batch_size // world_size, hflip
@@ -649,9 +643,8 @@ def cosine_lr(it, lr, min_lr, warmup_iters, decay_iters):
     return min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (lr - min_lr)
 
 class Progress:
-    """Loss, images/s and ETA. The loss and a finite-flag are summed on the device (no host sync per iteration);
-    check() reads them, averaged over processes, at log and checkpoint time, and stops every process on a NaN
-    or inf before anything is written. pause() after sampling or checkpointing keeps that work out of the speed."""
+    """Loss, images/s and ETA. Loss and a finite-flag are summed on the device (no host sync per iteration); check()
+    reads them over all processes and stops every one on a NaN or inf; pause() keeps sampling out of the speed."""
     def __init__(self, iter_num, max_iters, batch_size, iters_per_epoch, ddp, world_size, ckpt_path):
         self.max_iters, self.batch_size, self.iters_per_epoch = max_iters, batch_size, iters_per_epoch
         self.ddp, self.world_size, self.ckpt_path = ddp, world_size, ckpt_path
@@ -722,8 +715,7 @@ def load_checkpoint(path):
     return ckpt
 
 def resume_checkpoint(path, expect):
-    """The checkpoint to continue from, or one line that says what to do; `expect` holds the model_args this
-    run's data and script require (channels, size, conditioning)."""
+    """The checkpoint to continue from, or die saying what to do; `expect`: the model_args this run needs."""
     if not os.path.isfile(path):
         die(f"init_from='resume' but there is no checkpoint at {path}: train with --init_from=scratch or set --out_dir")
     try:
@@ -737,8 +729,7 @@ def resume_checkpoint(path, expect):
     return ckpt
 
 def load_flow_model(path, device='cpu', use_ema=True, sdpa=True):
-    """The flow model of a checkpoint (EMA weights by default), rebuilt from model_args alone, in eval mode,
-    and the checkpoint; one line and exit for anything that is not a flow checkpoint."""
+    """(The flow model rebuilt from model_args, EMA weights by default, in eval mode; the checkpoint), or die."""
     try:
         ckpt = load_checkpoint(path)
     except (FileNotFoundError, ValueError) as e:
@@ -786,8 +777,7 @@ def save_labelled_grid(rows, path, row_labels, title, col_labels=None):
             img = ((rows[r, k].float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).cpu().numpy()
             ax = axes[r, k]
             ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap='gray', vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax.set(xticks=[], yticks=[])
             if k == 0:
                 ax.set_ylabel(row_labels[r], rotation=0, ha='right', va='center', fontsize=9)
             if r == 0 and col_labels:

@@ -501,7 +501,8 @@ def _torchvision_idx(name, data_dir, train, download):
     made = not os.path.exists(os.path.join(data_dir, folder))
     for dl in (False, True) if download else (False,):
         try:
-            return cls(data_dir, train=train, download=dl)
+            ds = cls(data_dir, train=train, download=dl)
+            return ds.data.unsqueeze(1), ds.targets
         except Exception:
             pass
     if made:  # leave nothing behind from a failed download
@@ -560,29 +561,23 @@ def _image_folder(data_dir, image_size):
     x = torch.stack([tf(load(path)) for path, _ in ds.samples])
     return x, torch.as_tensor(ds.targets)
 
-def load_dataset(name, data_dir, train=True, image_size=32, download=True):
-    """The whole dataset in memory: uint8 images [N, C, H, W] and int64 labels [N].
-    mnist / fashion_mnist / cifar10 in torchvision's layout under data_dir; folder: data_dir/<class>/<image>.
-    Raises FileNotFoundError / ValueError with a one-line reason (scripts call load_or_die)."""
-    if name in ('mnist', 'fashion_mnist'):
-        ds = _torchvision_idx(name, data_dir, train, download)
-        x, y = ds.data.unsqueeze(1), ds.targets
-    elif name == 'cifar10':
-        x, y = _cifar10(data_dir, train, download)
-    elif name == 'folder':
-        x, y = _image_folder(data_dir, image_size or 32)
-    else:
-        raise ValueError(f"unknown dataset {name!r}: choose mnist, fashion_mnist, cifar10 or folder")
-    if len(x) == 0:
-        raise FileNotFoundError(f'dataset {name!r} under {data_dir!r} holds no images')
-    return x.contiguous(), y.long()
-
-def load_or_die(dataset, data_dir, train=True, image_size=32, download=False, hint=''):
-    """load_dataset, or one line on stderr and exit 1: the reason, then `hint` (what to do about it)."""
+def load_dataset(name, data_dir, train=True, image_size=32, download=False, hint=''):
+    """The whole dataset in memory: uint8 images [N, C, H, W] and int64 labels [N]; mnist / fashion_mnist / cifar10
+    in torchvision's layout under data_dir, folder: data_dir/<class>/<image>. Dies with the reason, then `hint`."""
     try:
-        return load_dataset(dataset, data_dir, train=train, image_size=image_size, download=download)
+        if name in ('mnist', 'fashion_mnist'):
+            x, y = _torchvision_idx(name, data_dir, train, download)
+        elif name == 'cifar10':
+            x, y = _cifar10(data_dir, train, download)
+        elif name == 'folder':
+            x, y = _image_folder(data_dir, image_size or 32)
+        else:
+            raise ValueError(f"unknown dataset {name!r}: choose mnist, fashion_mnist, cifar10 or folder")
+        if len(x) == 0:
+            raise FileNotFoundError(f'dataset {name!r} under {data_dir!r} holds no images')
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         die(f'{e}{hint}')
+    return x.contiguous(), y.long()
 
 def load_training_set(dataset, data_dir, image_size, download, ddp, local_rank, device):
     """The training set as uint8 [N, C, S, S] and labels on `device`, resized once here to image_size (0: as
@@ -590,7 +585,7 @@ def load_training_set(dataset, data_dir, image_size, download, ddp, local_rank, 
     import torch.distributed as dist
     if ddp and local_rank != 0:
         dist.barrier()
-    x, y = load_or_die(dataset, data_dir, True, image_size, download and local_rank == 0)
+    x, y = load_dataset(dataset, data_dir, True, image_size, download and local_rank == 0)
     if ddp and local_rank == 0:
         dist.barrier()
     if image_size and x.shape[-1] != image_size:

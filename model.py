@@ -1,9 +1,9 @@
 """
 nanoflow's one shared module, in the order a reader meets it:
 
-1. networks: the time and label embeddings, DiT-LLaMA (AdaLN-Zero, 2D RoPE, SwiGLU), the UNet (the one-step
-   denoiser, the flow model and the class-conditional CFG model, chosen by its arguments) and a convolution-only
-   ResNet, and build_model, which rebuilds any of them from a checkpoint;
+1. networks: the time and label embeddings they share; DiT-LLaMA (AdaLN-Zero, 2D RoPE, SwiGLU); the UNet (the
+   one-step denoiser, the flow model and the class-conditional CFG model, chosen by its arguments); a convolution-only
+   ResNet; build_model, which rebuilds any of them from a checkpoint's model_args;
 2. the flow: the rectified-flow loss, time grids, ODE solvers and classifier-free guidance;
 3. EMA of the weights;
 4. what the scripts share: one-line errors, devices and DDP, data and batches, the training loop's bookkeeping,
@@ -27,11 +27,7 @@ import torch.nn.functional as F
 
 # =============================================================================
 # Networks
-# embeddings shared by DiT-LLaMA and the UNet: modulation, time and labels
-
-def modulate(x, shift, scale):
-    # AdaLN: x * (1 + scale) + shift, one (shift, scale) per sample broadcast over tokens (one fused kernel)
-    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
+# embeddings the networks share: time and class labels
 
 def timestep_embedding(t, dim):
     """Sinusoidal embedding of 1000 t for t in [0, 1]: unscaled, it would be nearly linear in t."""
@@ -84,6 +80,10 @@ def apply_rope(x, angles):
 
 # -----------------------------------------------------------------------------
 # DiT-LLaMA
+
+def modulate(x, shift, scale):
+    # AdaLN: x * (1 + scale) + shift, one (shift, scale) per sample broadcast over tokens (one fused kernel)
+    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
 
 class RMSNorm(nn.Module):
     """x / rms(x) * w, computed in the input's dtype (nn.RMSNorm falls off its fused path under bf16 autocast)."""

@@ -22,6 +22,7 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -439,7 +440,6 @@ def check_choices(**settings):
 def setup_distributed(device, batch_size):
     """(ddp, rank, local_rank, world_size, device) from torchrun's environment; NCCL between GPUs, else gloo."""
     import datetime
-    import torch.distributed as dist
     ddp = 'RANK' in os.environ
     rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')) if ddp else (0, 0, 1)
     if batch_size % world_size:
@@ -476,7 +476,6 @@ def rng_states(ddp, world_size):
     state = {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     if not ddp:
         return [state]
-    import torch.distributed as dist
     states = [None] * world_size
     dist.all_gather_object(states, state)
     return states
@@ -582,7 +581,6 @@ def load_dataset(name, data_dir, train=True, image_size=32, download=False, hint
 def load_training_set(dataset, data_dir, image_size, download, ddp, local_rank, device):
     """The training set as uint8 [N, C, S, S] and labels on `device`, resized once here to image_size (0: as
     stored). Under DDP each node's local rank 0 reads (and downloads) first while the others wait."""
-    import torch.distributed as dist
     if ddp and local_rank != 0:
         dist.barrier()
     x, y = load_dataset(dataset, data_dir, True, image_size, download and local_rank == 0)
@@ -657,7 +655,6 @@ class Progress:
             return float('nan')
         x = torch.stack([torch.as_tensor(self.loss_sum) / self.n, torch.as_tensor(self.bad).float()])
         if self.ddp:
-            import torch.distributed as dist
             dist.all_reduce(x)  # a sum: gloo has no AVG
             x[0] /= self.world_size
         loss, bad = x.tolist()

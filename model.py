@@ -216,7 +216,7 @@ class DiT_Llama(nn.Module):
 # CFG model (time + class with a null class), chosen by its arguments
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice with a residual (norm=False: no GroupNorm); the conditioning modulates the second."""
+    """GroupNorm-SiLU-conv twice with a residual (norm=False: no GroupNorm); conditioning scales and shifts norm2."""
     def __init__(self, c_in, c_out, emb_dim=0, norm=True, padding_mode='zeros'):
         super().__init__()
         gn = lambda c: nn.GroupNorm(math.gcd(8, c), c) if norm else nn.Identity()

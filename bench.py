@@ -173,9 +173,9 @@ def bench_ideal():
     """Seconds per step per noise of each machine: one x0_hat (= one Euler step) on B noises at once, divided by B, at
     t = 0.5 on 32x32 MNIST, for N training images and patch size P (IS: no P)."""
     import ideal_machines as im
-    from model import load_or_die, resize, to_model_range
+    from model import load_dataset, resize, to_model_range
     # real digits: the blank background patches they share are part of the cost
-    x_mnist = load_or_die('mnist', data_dir, hint=': --ideal times the machines on real MNIST, pass --data_dir=DIR')[0]
+    x_mnist = load_dataset('mnist', data_dir, hint=': --ideal times the machines on real MNIST, pass --data_dir=DIR')[0]
     x_mnist = resize(to_model_range(x_mnist), 32).to(device)
     g = torch.Generator().manual_seed(seed)
     rows = []

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import torch.nn as nn
 
-from model import (NFE_PER_STEP, check_choices, cosine_lr, die, load_or_die, load_flow_model, resize, sample,
+from model import (NFE_PER_STEP, check_choices, cosine_lr, die, load_dataset, load_flow_model, resize, sample,
                    setup_precision, to_model_range, to_uint8, use_sdpa)
 
 # -----------------------------------------------------------------------------
@@ -111,7 +111,8 @@ def parse_runs():
 
 
 def load_real(train):
-    return load_or_die(dataset, data_dir, train, hint=f': evaluate.py needs the real {dataset} data, pass --data_dir=DIR')
+    return load_dataset(dataset, data_dir, train,
+                        hint=f': evaluate.py needs the real {dataset} data, pass --data_dir=DIR')
 
 
 @torch.no_grad()

@@ -248,7 +248,8 @@ def nearest(x, train, chunk=4096):
 
 
 if __name__ == '__main__':  # the experiment; importing this file gives only the machines above
-    from model import NFE_PER_STEP, die, load_flow_model, load_or_die, resize, sample, save_labelled_grid, to_model_range
+    from model import (NFE_PER_STEP, die, load_dataset, load_flow_model, resize, sample, save_labelled_grid,
+                       to_model_range)
     # -------------------------------------------------------------------------
     out_dir = 'out/ideal'
     ckpt = 'out/flow_unet/ckpt.pt'  # an unconditional flow network of train_flow_unet.py
@@ -298,7 +299,7 @@ if __name__ == '__main__':  # the experiment; importing this file gives only the
     C, S = net.in_channels, net.input_size
     if patch_size > S and 'ELS' in names:
         die(f'patch_size {patch_size} does not fit inside a {S}x{S} image (ELS compares patches fully inside)')
-    x_train, _ = load_or_die(dataset, data_dir, True, S, hint=f': pass --data_dir=DIR with the real {dataset}')
+    x_train, _ = load_dataset(dataset, data_dir, True, S, hint=f': pass --data_dir=DIR with the real {dataset}')
     if num_train:
         x_train = x_train[torch.randperm(len(x_train), generator=torch.Generator().manual_seed(seed))[:num_train]]
     train = resize(to_model_range(x_train), S).contiguous().to(device)

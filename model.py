@@ -1,15 +1,16 @@
 """
 nanoflow's one shared module, in the order a reader meets it:
 
-1. networks: the embeddings both networks use, DiT-LLaMA (AdaLN-Zero, 2D RoPE, SwiGLU) and the UNet
-   (the one-step denoiser, the flow model and the class-conditional CFG model, chosen by its arguments);
+1. networks: the time and label embeddings they share; DiT-LLaMA (AdaLN-Zero, 2D RoPE, SwiGLU); the UNet (the
+   one-step denoiser, the flow model and the class-conditional CFG model, chosen by its arguments); a convolution-only
+   ResNet; build_model, which rebuilds any of them from a checkpoint's model_args;
 2. the flow: the rectified-flow loss, time grids, ODE solvers and classifier-free guidance;
 3. EMA of the weights;
-4. what the scripts share: one-line errors, devices and DDP, data and batches, the training loop's
-   bookkeeping, checkpoints and figures.
+4. what the scripts share: one-line errors, devices and DDP, data and batches, the training loop's bookkeeping,
+   checkpoints and figures.
 
-Conventions: images in [-1, 1]; t = 0 is data, t = 1 is noise; x_t = (1 - t) x0 + t eps and the
-networks predict the velocity v = eps - x0. Sampling integrates dx/dt = v from t = 1 down to t = 0.
+Conventions: images in [-1, 1]; t = 0 is data, t = 1 is noise; x_t = (1 - t) x0 + t eps and the networks predict
+the velocity v = eps - x0. Sampling integrates dx/dt = v from t = 1 down to t = 0.
 """
 import math
 import os
@@ -21,22 +22,18 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 # =============================================================================
 # Networks
-# embeddings shared by DiT-LLaMA and the UNet: modulation, time and labels
+# embeddings the networks share: time and class labels
 
-def modulate(x, shift, scale):
-    # AdaLN: x * (1 + scale) + shift, one (shift, scale) per sample broadcast over tokens (one fused kernel)
-    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
-
-def timestep_embedding(t, dim, max_period=10000.0):
-    """Sinusoidal embedding of t in [0, 1], scaled by 1000 so that the whole frequency ladder is used
-    (unscaled, the embedding is nearly linear in t)."""
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding of 1000 t for t in [0, 1]: unscaled, it would be nearly linear in t."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     args = (1000.0 * t.float())[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
@@ -51,8 +48,7 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(timestep_embedding(t, self.freq_dim))
 
 class LabelEmbedder(nn.Module):
-    """Class labels -> vectors. Index num_classes is the null class used for CFG: in training a
-    label becomes null with probability p_uncond (label dropout)."""
+    """Labels -> vectors; index num_classes is CFG's null class, which a label becomes in training w.p. p_uncond."""
     def __init__(self, num_classes, dim, p_uncond=0.1):
         super().__init__()
         self.num_classes, self.p_uncond = num_classes, p_uncond
@@ -63,21 +59,19 @@ class LabelEmbedder(nn.Module):
         return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
 
     def forward(self, labels, train=False):
-        if train and self.p_uncond > 0:
-            labels = self.token_drop(labels)
-        return self.embedding(labels)
+        return self.embedding(self.token_drop(labels) if train and self.p_uncond > 0 else labels)
 
 # 2D rotary position embedding: half the head dims rotate with the row, half with the column
 
-def rope_angles(rows, cols, head_dim, theta=10000.0):
+def rope_angles(rows, cols, head_dim):
     """Angles [L, head_dim // 2] for tokens at integer positions (rows[i], cols[i])."""
     quarter = head_dim // 4
-    freqs = 1.0 / theta ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    freqs = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
     return torch.cat([rows.float()[:, None] * freqs, cols.float()[:, None] * freqs], dim=-1)
 
-def rope_grid(h, w, head_dim, theta=10000.0):
+def rope_grid(h, w, head_dim):
     rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij')
-    return rope_angles(rows.flatten(), cols.flatten(), head_dim, theta)
+    return rope_angles(rows.flatten(), cols.flatten(), head_dim)
 
 def apply_rope(x, angles):
     """Rotate consecutive pairs (x[2i], x[2i+1]) of the last dim of x [..., L, head_dim] by angles [L, head_dim/2]:
@@ -88,14 +82,18 @@ def apply_rope(x, angles):
 # -----------------------------------------------------------------------------
 # DiT-LLaMA
 
+def modulate(x, shift, scale):
+    # AdaLN: x * (1 + scale) + shift, one (shift, scale) per sample broadcast over tokens (one fused kernel)
+    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
+
 class RMSNorm(nn.Module):
     """x / rms(x) * w, computed in the input's dtype (nn.RMSNorm falls off its fused path under bf16 autocast)."""
-    def __init__(self, dim, eps=1e-6):
+    def __init__(self, dim):
         super().__init__()
-        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return F.rms_norm(x, x.shape[-1:], self.weight.to(x.dtype), self.eps)
+        return F.rms_norm(x, x.shape[-1:], self.weight.to(x.dtype), 1e-6)
 
 def use_sdpa(attention, device_type, dtype):
     """attention = sdpa | math | auto. auto, as measured on a 2-core CPU (README): SDPA on CUDA and in fp32 (its fused
@@ -107,8 +105,7 @@ class Attention(nn.Module):
         super().__init__()
         assert dim % n_heads == 0 and (dim // n_heads) % 4 == 0, 'head dim must be a multiple of 4 for 2D RoPE'
         self.n_heads, self.head_dim, self.sdpa = n_heads, dim // n_heads, sdpa
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.proj = nn.Linear(dim, dim, bias=False)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim, bias=False), nn.Linear(dim, dim, bias=False)
         self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
 
@@ -128,20 +125,17 @@ class Attention(nn.Module):
 
 class SwiGLU(nn.Module):
     """w2(silu(w1 x) * w3 x), hidden size 2/3 of 4*dim as in LLaMA, rounded up to a multiple of 32."""
-    def __init__(self, dim, multiple_of=32):
+    def __init__(self, dim):
         super().__init__()
-        hidden = multiple_of * math.ceil(int(2 * 4 * dim / 3) / multiple_of)
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
+        hidden = 32 * math.ceil(int(2 * 4 * dim / 3) / 32)
+        self.w1, self.w3 = nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block with AdaLN-Zero: 6 vectors (shift, scale, gate for attention and for the MLP)
-    from the conditioning; the modulation is zero at init, so the gates are 0 and the block is
-    the identity."""
+    """Pre-norm block with AdaLN-Zero: shift, scale and gate for attention and the MLP from c; at init the identity."""
     def __init__(self, dim, n_heads, qk_norm=True, sdpa=True):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -149,8 +143,8 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = SwiGLU(dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
-        nn.init.zeros_(self.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.adaLN_modulation[-1].bias)
+        for p in self.adaLN_modulation[-1].parameters():
+            nn.init.zeros_(p)
 
     def forward(self, x, c, angles):
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=-1)
@@ -164,9 +158,8 @@ class FinalLayer(nn.Module):
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
-        for m in (self.linear, self.adaLN_modulation[-1]):
-            nn.init.zeros_(m.weight)
-            nn.init.zeros_(m.bias)
+        for p in [*self.linear.parameters(), *self.adaLN_modulation[-1].parameters()]:
+            nn.init.zeros_(p)
 
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
@@ -199,9 +192,6 @@ class DiT_Llama(nn.Module):
         self.final_layer = FinalLayer(dim, patch_size, in_channels)
         g = input_size // patch_size
         self.register_buffer('angles', rope_grid(g, g, dim // n_heads), persistent=False)
-        self._init_weights()
-
-    def _init_weights(self):
         for m in self.modules():
             if isinstance(m, nn.Linear) and m.weight.abs().sum() > 0:  # leave the zero-init (AdaLN-Zero) layers
                 nn.init.xavier_uniform_(m.weight)
@@ -219,16 +209,14 @@ class DiT_Llama(nn.Module):
         c = self.t_embedder(t) + self.y_embedder(y, self.training)
         for block in self.blocks:
             h = block(h, c, self.angles)
-        h = self.final_layer(h, c)
-        return unpatchify(h, self.patch_size, C, H, W)
+        return unpatchify(self.final_layer(h, c), self.patch_size, C, H, W)
 
 # -----------------------------------------------------------------------------
 # UNet: one network for the one-step denoiser (no conditioning), the flow model (time) and the
 # CFG model (time + class with a null class), chosen by its arguments
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice with a residual; the conditioning scales and shifts the second norm. norm=False:
-    no GroupNorm (a convolution-only network); padding_mode: 'zeros' or 'circular'."""
+    """GroupNorm-SiLU-conv twice with a residual (norm=False: no GroupNorm); conditioning scales and shifts norm2."""
     def __init__(self, c_in, c_out, emb_dim=0, norm=True, padding_mode='zeros'):
         super().__init__()
         gn = lambda c: nn.GroupNorm(math.gcd(8, c), c) if norm else nn.Identity()
@@ -246,9 +234,9 @@ class ResBlock(nn.Module):
 
 class AttnBlock(nn.Module):
     """Self-attention over the H*W positions of a feature map, with a residual."""
-    def __init__(self, c, n_heads=4):
+    def __init__(self, c):
         super().__init__()
-        self.n_heads = n_heads
+        self.n_heads = 4
         self.norm, self.qkv, self.proj = nn.GroupNorm(math.gcd(8, c), c), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
 
     def forward(self, x):
@@ -287,7 +275,7 @@ class UNet(nn.Module):
         self.mid = nn.ModuleList([block(ch, ch), *mid_attn, block(ch, ch)])
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
-            for i in range(n_res + 1):
+            for _ in range(n_res + 1):
                 self.up.append(nn.ModuleList([block(ch + chans.pop(), base_channels * mult)]))
                 ch = base_channels * mult
                 if level in attn_levels:
@@ -303,9 +291,7 @@ class UNet(nn.Module):
         return h
 
     def forward(self, x, t=None, y=None):
-        emb = None
-        if self.time_cond:
-            emb = self.t_embedder(t)
+        emb = self.t_embedder(t) if self.time_cond else None
         if self.num_classes:
             if y is None:  # unconditional: the null class
                 y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
@@ -324,8 +310,8 @@ class UNet(nn.Module):
         return self.out(h)
 
 class ResNet(nn.Module):
-    """The convolution-only network of Kamb & Ganguli's MNIST experiments: n_layers 3x3 convolutions at full
-    resolution (receptive field 2 n_layers + 1), the middle ones residual and conditioned on t; no norm, no attention."""
+    """Kamb & Ganguli's convolution-only MNIST network: n_layers full-resolution 3x3 convolutions (receptive field
+    2 n_layers + 1), the middle ones residual and conditioned on t; no norm, no attention."""
     def __init__(self, in_channels=1, input_size=32, width=64, n_layers=8, padding_mode='zeros'):
         super().__init__()
         self.in_channels, self.input_size, self.time_cond, self.num_classes = in_channels, input_size, True, 0
@@ -344,8 +330,7 @@ class ResNet(nn.Module):
         return self.conv_out(F.silu(h))
 
 def build_model(model_args, sdpa=True):
-    """The network a checkpoint's model_args describe: DiT-LLaMA args have `dim`, the ResNet's `width`, the UNet's
-    `base_channels`."""
+    """The network a checkpoint's model_args describe: DiT-LLaMA's have `dim`, the ResNet's `width`, else a UNet."""
     if 'dim' in model_args:
         return DiT_Llama(**model_args, sdpa=sdpa)
     return ResNet(**model_args) if 'width' in model_args else UNet(**model_args)
@@ -377,17 +362,13 @@ class RectifiedFlow:
         per_sample = ((v.float() - (eps - x0)) ** 2).mean(dim=tuple(range(1, x0.dim())))
         return per_sample.mean(), (t.detach(), per_sample.detach())
 
-def shift_t(t, shift):
-    # SD3 resolution shift: t' = s t / (1 + (s - 1) t); s > 1 spends more time near noise
-    return shift * t / (1 + (shift - 1) * t) if shift != 1.0 else t
-
-def time_grid(steps, shift=1.0, device='cpu'):
+def time_grid(steps, shift=1.0):
     """steps + 1 times from 1 (noise) down to 0 (data)."""
-    return shift_t(torch.linspace(1.0, 0.0, steps + 1, device=device), shift)
+    t = torch.linspace(1.0, 0.0, steps + 1)
+    return shift * t / (1 + (shift - 1) * t)  # SD3's shift: t' = s t / (1 + (s - 1) t); s > 1 stays near noise
 
 def guided_velocity(model, x, t, y=None, cfg=1.0):
-    """v = v_uncond + cfg (v_cond - v_uncond), both passes in one doubled batch.
-    cfg = 1 is the plain conditional velocity; y = None is the unconditional model."""
+    """v = v_uncond + cfg (v_cond - v_uncond), both passes in one doubled batch; cfg = 1 or y = None: one plain pass."""
     tb = torch.full((x.shape[0],), float(t), device=x.device)
     if y is None or cfg == 1.0:
         return model(x, tb, y).to(x.dtype)
@@ -395,8 +376,7 @@ def guided_velocity(model, x, t, y=None, cfg=1.0):
     v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([tb, tb]), torch.cat([y, null])).to(x.dtype).chunk(2)
     return v_uncond + cfg * (v_cond - v_uncond)
 
-
-NFE_PER_STEP = {'euler': 1, 'midpoint': 2, 'heun': 2, 'rk4': 4}
+NFE_PER_STEP = {'euler': 1, 'midpoint': 2, 'heun': 2, 'rk4': 4}  # network calls per step (a doubled batch with CFG)
 
 def ode_step(f, x, t, t_next, solver):
     """One step of dx/dt = f(x, t) from t to t_next (dt = t_next - t is negative when sampling)."""
@@ -407,8 +387,7 @@ def ode_step(f, x, t, t_next, solver):
         return x + dt * f(x + dt / 2 * f(x, t), t + dt / 2)
     if solver == 'heun':  # trapezoid on the Euler predictor
         k1 = f(x, t)
-        k2 = f(x + dt * k1, t_next)
-        return x + dt / 2 * (k1 + k2)
+        return x + dt / 2 * (k1 + f(x + dt * k1, t_next))
     if solver == 'rk4':
         k1 = f(x, t)
         k2 = f(x + dt / 2 * k1, t + dt / 2)
@@ -419,8 +398,7 @@ def ode_step(f, x, t, t_next, solver):
 
 @torch.no_grad()
 def sample(model, z, y=None, steps=50, cfg=1.0, solver='euler', shift=1.0, return_traj=False):
-    """Integrate from z (noise, t = 1) to t = 0. Returns x0, or (x0, [x at every grid time]) when
-    return_traj. The number of network evaluations is steps * NFE_PER_STEP[solver] (x2 batch with CFG)."""
+    """Integrate from z (noise, t = 1) to t = 0: x0, or (x0, [x at every grid time]) when return_traj."""
     ts = time_grid(steps, shift).tolist()
     f = lambda x, t: guided_velocity(model, x, t, y, cfg)
     x = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z  # integrate in fp32 (or fp64)
@@ -444,7 +422,6 @@ def update_ema(ema_model, model, decay):
 # What the scripts share: one-line errors, devices and processes, data and batches, the training loop's
 # bookkeeping, checkpoints, figures. Every helper here reports bad input with die(): one line, no traceback.
 
-
 DATASETS = ('mnist', 'fashion_mnist', 'cifar10', 'folder')
 
 def die(msg):
@@ -461,10 +438,8 @@ def check_choices(**settings):
 # devices, precision and processes
 
 def setup_distributed(device, batch_size):
-    """Processes from torchrun's RANK / LOCAL_RANK / WORLD_SIZE (one process without them) and the device.
-    Returns (ddp, rank, local_rank, world_size, device); the process group uses NCCL on GPU, gloo on CPU."""
+    """(ddp, rank, local_rank, world_size, device) from torchrun's environment; NCCL between GPUs, else gloo."""
     import datetime
-    import torch.distributed as dist
     ddp = 'RANK' in os.environ
     rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')) if ddp else (0, 0, 1)
     if batch_size % world_size:
@@ -486,31 +461,27 @@ def setup_distributed(device, batch_size):
     return ddp, rank, local_rank, world_size, device
 
 def setup_precision(device, dtype, log=print):
-    """TF32 for fp32 matmuls and convolutions on a GPU, and the autocast context for dtype: bf16 autocast on
-    CPU and on GPUs with native bf16, else fp32 with one note. Returns (context, dtype)."""
+    """TF32 on a GPU; (autocast context, dtype): bf16 on a CPU or a GPU with native bf16, else fp32 with one note."""
     if device.startswith('cuda'):
         torch.backends.cuda.matmul.fp32_precision = 'tf32'
         torch.backends.cudnn.conv.fp32_precision = 'tf32'
         if dtype == 'bfloat16' and not torch.cuda.is_bf16_supported(including_emulation=False):
             log('note: this GPU has no native bf16, so this run uses float32')
             dtype = 'float32'
-    if dtype == 'float32':
-        return nullcontext(), dtype
-    return torch.autocast(device.split(':')[0], dtype=torch.bfloat16), dtype
+    ctx = nullcontext() if dtype == 'float32' else torch.autocast(device.split(':')[0], dtype=torch.bfloat16)
+    return ctx, dtype
 
 def rng_states(ddp, world_size):
     """Every process's RNG state (gathered to each process), so a resumed DDP run draws the same noise."""
     state = {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     if not ddp:
         return [state]
-    import torch.distributed as dist
     states = [None] * world_size
     dist.all_gather_object(states, state)
     return states
 
 def set_rng_states(states, rank, world_size, fallback_seed):
-    """Restore this process's RNG states. With another number of processes, or no CUDA state for a GPU run,
-    the generators are reseeded instead (one note from rank 0), so no run replays the draws of iteration 0."""
+    """Restore this process's RNG states, or reseed (one note) with another process count or no CUDA state for a GPU."""
     if len(states) != world_size or (torch.cuda.is_available() and states[rank]['cuda'] is None):
         torch.manual_seed(fallback_seed)  # seeds the CUDA generators too
         if rank == 0:
@@ -529,7 +500,8 @@ def _torchvision_idx(name, data_dir, train, download):
     made = not os.path.exists(os.path.join(data_dir, folder))
     for dl in (False, True) if download else (False,):
         try:
-            return cls(data_dir, train=train, download=dl)
+            ds = cls(data_dir, train=train, download=dl)
+            return ds.data.unsqueeze(1), ds.targets
         except Exception:
             pass
     if made:  # leave nothing behind from a failed download
@@ -559,7 +531,7 @@ def _cifar10(data_dir, train, download):
         with open(os.path.join(root, f), 'rb') as fh:
             d = pickle.load(fh, encoding='latin1')
         xs.append(torch.as_tensor(np.asarray(d['data'], dtype=np.uint8)).view(-1, 3, 32, 32))
-        ys.append(torch.as_tensor(d.get('labels', d.get('fine_labels'))))
+        ys.append(torch.as_tensor(d['labels']))
     return torch.cat(xs), torch.cat(ys)
 
 def _image_folder(data_dir, image_size):
@@ -588,37 +560,30 @@ def _image_folder(data_dir, image_size):
     x = torch.stack([tf(load(path)) for path, _ in ds.samples])
     return x, torch.as_tensor(ds.targets)
 
-def load_dataset(name, data_dir, train=True, image_size=32, download=True):
-    """The whole dataset in memory: uint8 images [N, C, H, W] and int64 labels [N].
-    mnist / fashion_mnist / cifar10 in torchvision's layout under data_dir; folder: data_dir/<class>/<image>.
-    Raises FileNotFoundError / ValueError with a one-line reason (scripts call load_or_die)."""
-    if name in ('mnist', 'fashion_mnist'):
-        ds = _torchvision_idx(name, data_dir, train, download)
-        x, y = ds.data.unsqueeze(1), ds.targets
-    elif name == 'cifar10':
-        x, y = _cifar10(data_dir, train, download)
-    elif name == 'folder':
-        x, y = _image_folder(data_dir, image_size or 32)
-    else:
-        raise ValueError(f"unknown dataset {name!r}: choose mnist, fashion_mnist, cifar10 or folder")
-    if len(x) == 0:
-        raise FileNotFoundError(f'dataset {name!r} under {data_dir!r} holds no images')
-    return x.contiguous(), y.long()
-
-def load_or_die(dataset, data_dir, train=True, image_size=32, download=False, hint=''):
-    """load_dataset, or one line on stderr and exit 1: the reason, then `hint` (what to do about it)."""
+def load_dataset(name, data_dir, train=True, image_size=32, download=False, hint=''):
+    """The whole dataset in memory: uint8 images [N, C, H, W] and int64 labels [N]; mnist / fashion_mnist / cifar10
+    in torchvision's layout under data_dir, folder: data_dir/<class>/<image>. Dies with the reason, then `hint`."""
     try:
-        return load_dataset(dataset, data_dir, train=train, image_size=image_size, download=download)
+        if name in ('mnist', 'fashion_mnist'):
+            x, y = _torchvision_idx(name, data_dir, train, download)
+        elif name == 'cifar10':
+            x, y = _cifar10(data_dir, train, download)
+        elif name == 'folder':
+            x, y = _image_folder(data_dir, image_size or 32)
+        else:
+            raise ValueError(f"unknown dataset {name!r}: choose mnist, fashion_mnist, cifar10 or folder")
+        if len(x) == 0:
+            raise FileNotFoundError(f'dataset {name!r} under {data_dir!r} holds no images')
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         die(f'{e}{hint}')
+    return x.contiguous(), y.long()
 
 def load_training_set(dataset, data_dir, image_size, download, ddp, local_rank, device):
     """The training set as uint8 [N, C, S, S] and labels on `device`, resized once here to image_size (0: as
     stored). Under DDP each node's local rank 0 reads (and downloads) first while the others wait."""
-    import torch.distributed as dist
     if ddp and local_rank != 0:
         dist.barrier()
-    x, y = load_or_die(dataset, data_dir, True, image_size, download and local_rank == 0)
+    x, y = load_dataset(dataset, data_dir, True, image_size, download and local_rank == 0)
     if ddp and local_rank == 0:
         dist.barrier()
     if image_size and x.shape[-1] != image_size:
@@ -633,12 +598,11 @@ def to_uint8(x):
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 def resize(x, size):
-    return x if size is None or x.shape[-1] == size else F.interpolate(x, size=(size, size), mode='bilinear', antialias=True)
+    return x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode='bilinear', antialias=True)
 
 class Batches:
-    """Batch number `it` of a run over uint8 images held on the training device: the order depends only on
-    (seed, epoch), through a DistributedSampler share per process, so a resumed run sees exactly the same
-    batches. Images are gathered, scaled to [-1, 1] and flipped where they live."""
+    """Batch `it` of a run over uint8 images on the training device, in an order set by (seed, epoch) alone (a
+    DistributedSampler share per process), so a resumed run sees the same batches; gathered, scaled, flipped there."""
     def __init__(self, x, y, batch_size, world_size=1, rank=0, seed=0, hflip=False):
         from torch.utils.data.distributed import DistributedSampler
         self.x, self.y, self.B, self.hflip = x, y, batch_size // world_size, hflip
@@ -672,9 +636,8 @@ def cosine_lr(it, lr, min_lr, warmup_iters, decay_iters):
     return min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (lr - min_lr)
 
 class Progress:
-    """Loss, images/s and ETA. The loss and a finite-flag are summed on the device (no host sync per iteration);
-    check() reads them, averaged over processes, at log and checkpoint time, and stops every process on a NaN
-    or inf before anything is written. pause() after sampling or checkpointing keeps that work out of the speed."""
+    """Loss, images/s and ETA. Loss and a finite-flag are summed on the device (no host sync per iteration); check()
+    reads them over all processes and stops every one on a NaN or inf; pause() keeps sampling out of the speed."""
     def __init__(self, iter_num, max_iters, batch_size, iters_per_epoch, ddp, world_size, ckpt_path):
         self.max_iters, self.batch_size, self.iters_per_epoch = max_iters, batch_size, iters_per_epoch
         self.ddp, self.world_size, self.ckpt_path = ddp, world_size, ckpt_path
@@ -692,7 +655,6 @@ class Progress:
             return float('nan')
         x = torch.stack([torch.as_tensor(self.loss_sum) / self.n, torch.as_tensor(self.bad).float()])
         if self.ddp:
-            import torch.distributed as dist
             dist.all_reduce(x)  # a sum: gloo has no AVG
             x[0] /= self.world_size
         loss, bad = x.tolist()
@@ -732,12 +694,12 @@ def save_checkpoint(ckpt, path):
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
 
-def load_checkpoint(path, map_location='cpu'):
+def load_checkpoint(path):
     """A nanoflow checkpoint dict; FileNotFoundError / ValueError with a one-line reason otherwise."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'no checkpoint at {path}')
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        ckpt = torch.load(path, map_location='cpu', weights_only=False)
     except Exception as e:
         raise ValueError(f'cannot read checkpoint {path} ({type(e).__name__}); it is damaged or not a torch file') from None
     if not isinstance(ckpt, dict) or 'model_args' not in ckpt or 'model' not in ckpt:
@@ -745,8 +707,7 @@ def load_checkpoint(path, map_location='cpu'):
     return ckpt
 
 def resume_checkpoint(path, expect):
-    """The checkpoint to continue from, or one line that says what to do; `expect` holds the model_args this
-    run's data and script require (channels, size, conditioning)."""
+    """The checkpoint to continue from, or die saying what to do; `expect`: the model_args this run needs."""
     if not os.path.isfile(path):
         die(f"init_from='resume' but there is no checkpoint at {path}: train with --init_from=scratch or set --out_dir")
     try:
@@ -760,8 +721,7 @@ def resume_checkpoint(path, expect):
     return ckpt
 
 def load_flow_model(path, device='cpu', use_ema=True, sdpa=True):
-    """The flow model of a checkpoint (EMA weights by default), rebuilt from model_args alone, in eval mode,
-    and the checkpoint; one line and exit for anything that is not a flow checkpoint."""
+    """(The flow model rebuilt from model_args, EMA weights by default, in eval mode; the checkpoint), or die."""
     try:
         ckpt = load_checkpoint(path)
     except (FileNotFoundError, ValueError) as e:
@@ -780,7 +740,7 @@ def save_grid(x, path, nrow):
     from torchvision.utils import save_image
     save_image((x.float().clamp(-1, 1) + 1) / 2, path, nrow=nrow, padding=2, pad_value=1.0)
 
-def plot_loss(iters, losses, path, title='training loss'):
+def plot_loss(iters, losses, path, title):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -797,7 +757,7 @@ def plot_loss(iters, losses, path, title='training loss'):
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
-def save_labelled_grid(rows, path, row_labels, title='', col_labels=None):
+def save_labelled_grid(rows, path, row_labels, title, col_labels=None):
     """rows: [R, K, C, H, W] images in [-1, 1] -> one figure, a labelled row per entry of rows."""
     import matplotlib
     matplotlib.use('Agg')
@@ -809,8 +769,7 @@ def save_labelled_grid(rows, path, row_labels, title='', col_labels=None):
             img = ((rows[r, k].float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).cpu().numpy()
             ax = axes[r, k]
             ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap='gray', vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax.set(xticks=[], yticks=[])
             if k == 0:
                 ax.set_ylabel(row_labels[r], rotation=0, ha='right', va='center', fontsize=9)
             if r == 0 and col_labels:

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import (Batches, DATASETS, Progress, UNet, check_choices, cosine_lr, die, load_or_die, load_training_set,
+from model import (Batches, DATASETS, Progress, UNet, check_choices, cosine_lr, die, load_dataset, load_training_set,
                    plot_loss, resize, resume_checkpoint, rng_states, save_checkpoint, save_labelled_grid,
                    set_rng_states, setup_distributed, setup_precision, start_log, to_model_range, update_ema)
 
@@ -88,7 +88,7 @@ memory_format = torch.channels_last if channels_last else torch.contiguous_forma
 
 # data: training set for learning, test set (the training set for a folder) for the figures
 x_all, y_all = load_training_set(dataset, data_dir, image_size, download, ddp, local_rank, device)
-x_test = load_or_die(dataset, data_dir, train=False)[0] if dataset != 'folder' else x_all
+x_test = load_dataset(dataset, data_dir, train=False)[0] if dataset != 'folder' else x_all
 C, S = x_all.shape[1], x_all.shape[-1]
 batches = Batches(x_all, y_all, batch_size, world_size, rank, seed)
 iters_per_epoch = batches.iters_per_epoch

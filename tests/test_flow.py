@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from model import NFE_PER_STEP, RectifiedFlow, guided_velocity, sample, shift_t, time_grid
+from model import NFE_PER_STEP, RectifiedFlow, guided_velocity, sample, time_grid
 
 
 class Recorder(nn.Module):
@@ -96,7 +96,7 @@ def test_time_grid_and_shift():
     assert torch.allclose(g, torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
     s = time_grid(4, shift=3.0)
     assert s[0] == 1 and s[-1] == 0 and torch.all(s[1:-1] > g[1:-1])  # shift > 1 stays nearer noise
-    assert math.isclose(shift_t(torch.tensor(0.5), 3.0).item(), 0.75)
+    assert math.isclose(time_grid(2, shift=3.0)[1].item(), 0.75)  # t' = s t / (1 + (s - 1) t) at t = 1/2
 
 
 @pytest.mark.parametrize('solver', list(NFE_PER_STEP))

@@ -4,11 +4,17 @@ Quality numbers for a flow checkpoint (sampled here, with the given solver, step
     python evaluate.py --out_dir=out/class_cfg --data_dir=../shared/data                  # euler 50, cfg 2
     python evaluate.py --out_dir=out/dit_mnist --runs=euler:50:2,euler:10:2,heun:10:2,rk4:5:2
     python evaluate.py --npz=out/dit_mnist/samples.npz --dataset=mnist
+    python evaluate.py --out_dir=out/dit_cifar10 --judge=cifar10 --judge_data_dir=data/cifar10-jpeg  # DiT on a folder
 
-For MNIST-like data (mnist, fashion_mnist) a small CNN classifier is trained on the real training set the
-first time and cached (out/classifier_<dataset>.pt, with the training set's feature statistics); it gives
+The judge is a small CNN classifier trained on the real training set the first time and cached
+(out/classifier_<judge>.pt, with the training set's feature statistics and its test accuracy): for mnist and
+fashion_mnist three conv blocks; for cifar10 three stages of two 3x3 convs, trained with random crops and flips.
+--judge='' takes the dataset's own; a model trained on a folder of CIFAR-10 images (the JPEG stand-in) names it,
+--judge=cifar10, and --judge_data_dir=DIR holding either cifar-10-batches-py/ or train/ and test/ with one folder
+per class. It gives
   fid_cls  the Frechet distance between samples and the training set in its 128-d feature space,
   acc      the share of samples it recognises as the class they were asked for (class-conditional models).
+The last row, 'real', scores as many held-out real test images the same way: the floor a sample can reach.
 fid_inception is the usual FID on Inception-v3 pool features (torchvision's ImageNet weights, so not the TF
 weights papers use) when the weights file is on disk; offline, supply it with --inception_weights=PATH.
 nfe counts network evaluations per sample (cfg evaluates them on a doubled batch); s/sample is wall time.
@@ -17,6 +23,7 @@ Writes out_json (default out_dir/eval.json) and prints one table.
 import json
 import os
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -42,8 +49,10 @@ runs = ''  # several settings in one table: 'solver:steps:cfg,...', e.g. 'euler:
 batch_size = 64  # samples per network call (x2 with cfg): small batches stay in the CPU's cache
 seed = 0
 use_ema = True
-classifier_path = ''  # '' = out/classifier_<dataset>.pt (trained once, then reused)
-classifier_epochs = 4
+judge = ''  # the classifier of fid_cls and acc: '' = the dataset's own (none for a folder) | mnist | fashion_mnist | cifar10
+judge_data_dir = ''  # '' = data_dir: the judge's train and test images (cifar10: the pickles, or train/ and test/ class folders)
+classifier_path = ''  # '' = out/classifier_<judge>.pt (trained once, then reused)
+classifier_epochs = 0  # 0: the judge's recipe (4 for mnist, fashion_mnist; 15 for cifar10)
 inception = 'auto'  # auto: Inception FID when the weights are found | on: required | off
 inception_weights = ''  # '' = torchvision's cache (TORCH_HOME/hub/checkpoints/inception_v3_google-0cc3c7bd.pth)
 num_ref = 10000  # training images for the Inception reference statistics
@@ -54,30 +63,51 @@ dtype = 'bfloat16'  # bfloat16 (autocast) | float32
 attention = 'auto'  # sdpa | math (explicit softmax) | auto: math for bf16 on a CPU, else sdpa (as train_dit.py)
 config_domains = dict(  # each number's domain: a kind of configurator.py (count >= 1, count0 >= 0, ...) or a range
     num_samples='count', steps='count', cfg='nonneg', shift='positive', batch_size='count', seed='seed',
-    classifier_epochs='count', num_ref='count')
+    classifier_epochs='count0', num_ref='count')
 config_keys = [k for k, v in globals().items()  # the settings configurator.py may change, as nanoGPT declares them
                if not k.startswith('_') and k.islower() and isinstance(v, (bool, int, float, str, tuple, list, type(None)))]
 if __name__ == '__main__':  # imported (by the tests), this file gives the metrics below and reads no argv
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 
-MNIST_LIKE = ('mnist', 'fashion_mnist')
+CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
 INCEPTION_URL = 'https://download.pytorch.org/models/inception_v3_google-0cc3c7bd.pth'
 
 
-class MnistClassifier(nn.Module):
-    """A small CNN for 1x32x32 images in [-1, 1]: its 128-d penultimate layer is the feature space of the
-    classifier-FID, its logits score whether a sample shows the class it was asked for."""
+class Classifier(nn.Module):
+    """A judge for 32x32 images in [-1, 1]: `features` end in the 128-d space of the classifier-FID, the head's logits
+    score whether a sample shows the class it was asked for."""
 
-    def __init__(self, num_classes=10):
+    def __init__(self, features, num_classes):
         super().__init__()
-        block = lambda c_in, c_out: [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)]
-        self.features = nn.Sequential(*block(1, 32), *block(32, 64), *block(64, 128), nn.Flatten(),
-                                      nn.Dropout(0.3), nn.Linear(128 * 4 * 4, 128), nn.ReLU())
-        self.head = nn.Linear(128, num_classes)
+        self.features, self.head = features, nn.Linear(128, num_classes)
 
     def forward(self, x):
         return self.head(self.features(x))
+
+
+def mnist_classifier(num_classes):
+    """1 channel: three conv-BN-ReLU-pool blocks (32, 64, 128 channels), then two dense layers."""
+    block = lambda c_in, c_out: [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)]
+    return Classifier(nn.Sequential(*block(1, 32), *block(32, 64), *block(64, 128), nn.Flatten(),
+                                    nn.Dropout(0.3), nn.Linear(128 * 4 * 4, 128), nn.ReLU()), num_classes)
+
+
+def cifar_classifier(num_classes):
+    """3 channels: three stages of two 3x3 conv-BN-ReLU and a 2x2 max-pool (32, 64, 128 channels), a global average pool."""
+    conv = lambda c_in, c_out: [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+    stage = lambda c_in, c_out: [*conv(c_in, c_out), *conv(c_out, c_out), nn.MaxPool2d(2)]
+    return Classifier(nn.Sequential(*stage(3, 32), *stage(32, 64), *stage(64, 128), nn.AdaptiveAvgPool2d(1),
+                                    nn.Flatten()), num_classes)
+
+
+# each judge's network and training: AdamW at lr 2e-3, batch 128, warm-up then cosine decay; cifar10 on random crops
+# (zero padding 4) and flips, with label smoothing, under bf16 autocast (as --dtype): twice the images/s here
+RECIPES = {'mnist': dict(net=mnist_classifier, channels=1, epochs=4, weight_decay=1e-4, smoothing=0.0, augment=False,
+                         autocast=False),
+           'cifar10': dict(net=cifar_classifier, channels=3, epochs=15, weight_decay=5e-2, smoothing=0.1, augment=True,
+                           autocast=True)}
+RECIPES['fashion_mnist'] = RECIPES['mnist']
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
@@ -115,6 +145,37 @@ def load_real(train):
                         hint=f': evaluate.py needs the real {dataset} data, pass --data_dir=DIR')
 
 
+def judge_images(train):
+    """The judge's training or test set, from judge_data_dir in its dataset's format; for cifar10 also from class
+    folders train/ and test/ (the JPEG stand-in), whose sorted names are CIFAR-10's label order, as ImageFolder reads them."""
+    root = judge_data_dir or data_dir
+    hint = f': the {judge} judge trains and tests on them, pass --judge_data_dir=DIR (or --data_dir=DIR)'
+    if judge != 'cifar10' or os.path.isdir(os.path.join(root, 'cifar-10-batches-py')):
+        return load_dataset(judge, root, train, hint=hint)
+    split = os.path.join(root, 'train' if train else 'test')
+    if not os.path.isdir(split):
+        die(f'no cifar-10-batches-py/ and no {"train" if train else "test"}/ class folders in {root}: the cifar10 '
+            f'judge reads one of them, pass --judge_data_dir=DIR (e.g. the unpacked JPEG stand-in)')
+    classes = tuple(sorted(e.name for e in os.scandir(split) if e.is_dir()))
+    if classes != CIFAR10_CLASSES:
+        die(f'{split} holds the class folders {", ".join(classes) or "(none)"}, not CIFAR-10\'s {", ".join(CIFAR10_CLASSES)}')
+    x, y = load_dataset('folder', split, image_size=32, hint=hint)
+    if x.shape[1] != 3:
+        die(f'{split} holds greyscale images: the cifar10 judge reads RGB')
+    return x, y
+
+
+def crop_flip(x, pad=4):
+    """A random crop of each image zero-padded by `pad` on every side, mirrored left-right half the time."""
+    B, C, H, W = x.shape
+    ar = lambda n: torch.arange(n, device=x.device)
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, B, 1), device=x.device)
+    rows, cols = dy + ar(H), dx + ar(W)
+    cols = torch.where(torch.rand(B, 1, device=x.device) < 0.5, cols.flip(1), cols)
+    return F.pad(x, (pad,) * 4)[ar(B)[:, None, None, None], ar(C)[None, :, None, None], rows[:, None, :, None],
+                                cols[:, None, None, :]]
+
+
 @torch.no_grad()
 def classifier_features(net, x_uint8_nhwc=None, x=None):
     """Penultimate features and logits of the classifier for uint8 NHWC images (or [-1, 1] NCHW x)."""
@@ -130,15 +191,18 @@ def classifier_features(net, x_uint8_nhwc=None, x=None):
 
 
 def train_classifier(path):
-    """Train the CNN on the real training set, check it on the test set, cache it with the train feature stats."""
-    x, y = load_real(True)
-    x_test, y_test = load_real(False)
+    """Train the judge on its real training set, check it on the test set, cache it with the train feature stats."""
+    r = RECIPES[judge]
+    x, y = judge_images(True)
+    x_test, y_test = judge_images(False)
     x, x_test = resize(to_model_range(x), 32), resize(to_model_range(x_test), 32)
     torch.manual_seed(seed)
-    net = MnistClassifier(int(y.max()) + 1).to(device)
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
-    B = 128
-    iters = classifier_epochs * (len(x) // B)
+    net = r['net'](int(y.max()) + 1).to(device, memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=r['weight_decay'])
+    B, epochs = 128, classifier_epochs or r['epochs']
+    iters = epochs * (len(x) // B)
+    if iters == 0:
+        die(f'the {judge} judge needs at least {B} training images, found {len(x)}')
     t0 = time.time()
     for it in range(iters):
         if it % (len(x) // B) == 0:
@@ -146,7 +210,10 @@ def train_classifier(path):
         idx = perm[(it % (len(x) // B)) * B:(it % (len(x) // B) + 1) * B]
         for g in opt.param_groups:
             g['lr'] = cosine_lr(it, 2e-3, 1e-5, min(100, iters // 10), iters)
-        loss = F.cross_entropy(net(x[idx].to(device)), y[idx].to(device))
+        xb = x[idx].to(device)
+        xb = (crop_flip(xb) if r['augment'] else xb).contiguous(memory_format=torch.channels_last)
+        with ctx if r['autocast'] else nullcontext():
+            loss = F.cross_entropy(net(xb), y[idx].to(device), label_smoothing=r['smoothing'])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -160,20 +227,20 @@ def train_classifier(path):
     feats, _ = classifier_features(net, x=x)
     mu, sigma = feature_stats(feats)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save(dict(model=net.state_dict(), num_classes=net.head.out_features, test_acc=test_acc, dataset=dataset,
+    torch.save(dict(model=net.state_dict(), num_classes=net.head.out_features, test_acc=test_acc, dataset=judge,
                     mu=mu, sigma=sigma), path)
-    print(f'classifier: {test_acc * 100:.2f} % test accuracy on {dataset}, cached at {path}')
+    print(f'classifier: {test_acc * 100:.2f} % test accuracy on {judge}, cached at {path}')
     return net, test_acc, mu, sigma
 
 
 def get_classifier():
-    path = classifier_path or os.path.join('out', f'classifier_{dataset}.pt')
+    path = classifier_path or os.path.join('out', f'classifier_{judge}.pt')
     if not os.path.isfile(path):
         return train_classifier(path)
     c = torch.load(path, map_location='cpu', weights_only=False)
-    if c.get('dataset') != dataset:
-        die(f'{path} is a classifier of {c.get("dataset")!r}, not {dataset!r}: pass another --classifier_path')
-    net = MnistClassifier(c['num_classes'])
+    if c.get('dataset') != judge:
+        die(f'{path} is a classifier of {c.get("dataset")!r}, not {judge!r}: pass another --classifier_path')
+    net = RECIPES[judge]['net'](c['num_classes'])
     net.load_state_dict(c['model'])
     return net.to(device).eval(), c['test_acc'], c['mu'], c['sigma']
 
@@ -227,6 +294,20 @@ def inception_reference(net):
     return mu, sigma
 
 
+def score(x, y):
+    """fid_cls, acc (given labels y) and fid_inception of uint8 NHWC images; None where there is no judge or Inception."""
+    out = dict(fid_cls=None, acc=None, fid_inception=None)
+    if classifier is not None:
+        net, _, mu, sigma = classifier
+        feats, logits = classifier_features(net, x)
+        out['fid_cls'] = frechet_distance(*feature_stats(feats), mu, sigma)
+        if y is not None:
+            out['acc'] = (logits.argmax(1).numpy() == y).mean().item()
+    if inception_net is not None:
+        out['fid_inception'] = frechet_distance(*feature_stats(inception_features(inception_net, x)), *inception_ref)
+    return out
+
+
 @torch.no_grad()
 def generate(s, n_steps, g):
     """num_samples samples in batches, classes 0..K-1 in turn; the same noise for every setting (seeded)."""
@@ -248,7 +329,8 @@ def generate(s, n_steps, g):
 
 if __name__ == '__main__':
     check_choices(dtype=(dtype, ('bfloat16', 'float32')), attention=(attention, ('auto', 'sdpa', 'math')),
-                  device=(device, ('auto', 'cpu', 'cuda')), inception=(inception, ('auto', 'on', 'off')))
+                  device=(device, ('auto', 'cpu', 'cuda')), inception=(inception, ('auto', 'on', 'off')),
+                  judge=(judge, ('', *RECIPES)))
     device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
     if device == 'cuda' and not torch.cuda.is_available():
         die('device=cuda but no GPU is visible: use --device=cpu (or auto)')
@@ -277,7 +359,7 @@ if __name__ == '__main__':
             die(f'{npz} is not an .npz of samples with arr_0 (uint8 NxHxWxC): {type(e).__name__}')
         if x_npz.dtype != np.uint8 or x_npz.ndim != 4:
             die(f'{npz}: arr_0 must be uint8 NxHxWxC, got {x_npz.dtype} {x_npz.shape}')
-        dataset = dataset or 'mnist'
+        dataset, channels = dataset or 'mnist', x_npz.shape[3]
         num_classes = int(y_npz.max()) + 1 if y_npz is not None and len(np.unique(y_npz)) > 1 else 0
         settings = [('npz', 0, float('nan'))]
     else:
@@ -285,14 +367,21 @@ if __name__ == '__main__':
         model, checkpoint = load_flow_model(ckpt_path, device, use_ema,
                                             sdpa=use_sdpa(attention, device.split(':')[0], dtype))
         dataset = dataset or checkpoint.get('config', {}).get('dataset', 'mnist')
-        num_classes = model.num_classes
+        num_classes, channels = model.num_classes, model.in_channels
         if not num_classes and cfg_given:
             die(f'{ckpt_path} is an unconditional model: guidance needs classes, drop cfg (--cfg, a config file, the cfg in --runs)')
         del checkpoint
 
-    classifier = get_classifier() if dataset in MNIST_LIKE else None
-    if classifier is None:
-        print(f'note: no classifier metrics for {dataset} (they are defined for {", ".join(MNIST_LIKE)})')
+    judge = judge or (dataset if dataset in RECIPES else '')
+    if not judge:
+        print(f'note: no classifier metrics for {dataset}: name the judge of its images, --judge='
+              f'{" | ".join(RECIPES)} (a folder of CIFAR-10 images: --judge=cifar10 --judge_data_dir=DIR)')
+    elif channels != RECIPES[judge]['channels']:
+        die(f'the {judge} judge reads {RECIPES[judge]["channels"]}-channel images, these samples have {channels}: '
+            f'pass another --judge')
+    classifier = get_classifier() if judge else None
+    if classifier is not None and num_classes > classifier[0].head.out_features:
+        die(f'the model draws {num_classes} classes, the {judge} judge knows {classifier[0].head.out_features}')
     inception_net = get_inception()
     inception_ref = inception_reference(inception_net) if inception_net is not None else None
 
@@ -306,20 +395,18 @@ if __name__ == '__main__':
             x, y, sec = x_npz, y_npz, float('nan')
         else:
             x, y, sec = generate(s, n_steps, g)
-        row = dict(solver=s, steps=n_steps, nfe=n_steps * NFE_PER_STEP.get(s, 0), cfg=g if num_classes else None,
-                   num_samples=len(x), sec_per_sample=sec, fid_cls=None, acc=None, fid_inception=None)
-        if classifier is not None:
-            net, _, mu, sigma = classifier
-            feats, logits = classifier_features(net, x)
-            row['fid_cls'] = frechet_distance(*feature_stats(feats), mu, sigma)
-            if num_classes and y is not None:
-                row['acc'] = (logits.argmax(1).numpy() == y).mean().item()
-        if inception_net is not None:
-            row['fid_inception'] = frechet_distance(*feature_stats(inception_features(inception_net, x)), *inception_ref)
-        rows.append(row)
+        rows.append(dict(solver=s, steps=n_steps, nfe=n_steps * NFE_PER_STEP.get(s, 0), cfg=g if num_classes else None,
+                         num_samples=len(x), sec_per_sample=sec, **score(x, y if num_classes else None)))
+    real = None
+    if classifier is not None:  # the floor: as many held-out real test images, scored the same way
+        x_test, y_test = judge_images(False)
+        idx = torch.randperm(len(x_test), generator=torch.Generator().manual_seed(seed))[:rows[0]['num_samples']]
+        real = dict(solver='real', steps=None, nfe=None, cfg=None, num_samples=len(idx), sec_per_sample=None,
+                    **score(x_test[idx].permute(0, 2, 3, 1).numpy(), y_test[idx].numpy()))
 
-    result = dict(source=npz or ckpt_path, dataset=dataset, classifier_test_acc=classifier[1] if classifier else None,
-                  dtype=dtype, shift=shift, rows=rows)
+    result = dict(source=npz or ckpt_path, dataset=dataset, judge=judge or None,
+                  classifier_test_acc=classifier[1] if classifier else None, dtype=dtype, shift=shift, rows=rows,
+                  real_test=real)
     out_json = out_json or (os.path.splitext(npz)[0] + '_eval.json' if npz else os.path.join(out_dir, 'eval.json'))
     os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
     with open(out_json, 'w') as f:
@@ -329,7 +416,10 @@ if __name__ == '__main__':
     print(f'\n{result["source"]} on {dataset}, {rows[0]["num_samples"]} samples' +
           (f'; classifier test accuracy {classifier[1] * 100:.2f} %' if classifier else ''))
     print(f'{"solver":>8} {"steps":>5} {"NFE":>4} {"cfg":>5} {"FID-cls":>8} {"acc %":>6} {"FID-incep":>9} {"s/sample":>9}')
-    for r in rows:
-        print(f'{r["solver"]:>8} {r["steps"]:>5} {r["nfe"]:>4} {fmt(r["cfg"], 1):>5} {fmt(r["fid_cls"], 3):>8} '
-              f'{fmt(r["acc"] and r["acc"] * 100, 1):>6} {fmt(r["fid_inception"], 2):>9} {fmt(r["sec_per_sample"], 4):>9}')
+    for r in rows + ([real] if real else []):
+        print(f'{r["solver"]:>8} {fmt(r["steps"], 0):>5} {fmt(r["nfe"], 0):>4} {fmt(r["cfg"], 1):>5} '
+              f'{fmt(r["fid_cls"], 3):>8} {fmt(r["acc"] and r["acc"] * 100, 1):>6} {fmt(r["fid_inception"], 2):>9} '
+              f'{fmt(r["sec_per_sample"], 4):>9}')
+    if real:
+        print(f'real: {real["num_samples"]} held-out {judge} test images, the floor a sample can reach')
     print(f'wrote {out_json}')

@@ -28,6 +28,29 @@ def fake_images(n, size, channels, seed=0):
     return x, labels.astype(np.uint8)
 
 
+def fake_colour_images(n, size, channels, seed=0):
+    """Class k is a flat colour, hue k / 10, under noise: crops and flips (the CIFAR-10 judge's augmentation) keep it."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 10
+    hue = 2 * np.pi * (labels[:, None] / 10 + np.arange(channels) / 3)  # R, G, B a third of a turn apart
+    x = 128 + 90 * np.cos(hue)[:, :, None, None] + rng.integers(-30, 31, size=(n, channels, size, size))
+    return x.round().clip(0, 255).astype(np.uint8), labels.astype(np.uint8)
+
+
+CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
+
+
+def write_image_folder(root, classes=CIFAR10_CLASSES, n_train=500, n_test=100):
+    """The CIFAR-10 JPEG stand-in's layout: root/train/<class>/<i>.jpg and root/test/..., JPEG quality 75."""
+    from PIL import Image
+    for split, n, seed in (('train', n_train, 10), ('test', n_test, 11)):
+        x, y = fake_colour_images(n, 32, 3, seed)
+        for i, (img, k) in enumerate(zip(x, y)):
+            os.makedirs(os.path.join(root, split, classes[k]), exist_ok=True)
+            Image.fromarray(img.transpose(1, 2, 0)).save(os.path.join(root, split, classes[k], f'{i:04d}.jpg'), quality=75)
+    return root
+
+
 def write_mnist(data_dir, n=256, folder='MNIST'):
     """MNIST's IDX files: magic 2051 / 2049, big-endian sizes, then raw uint8."""
     raw = os.path.join(data_dir, folder, 'raw')
@@ -41,12 +64,12 @@ def write_mnist(data_dir, n=256, folder='MNIST'):
     return data_dir
 
 
-def write_cifar10(data_dir, n_per_batch=40):
+def write_cifar10(data_dir, n_per_batch=40, images=fake_images):
     """CIFAR-10's python format: pickled dicts with 'data' uint8 [N, 3072] (R, G, B planes) and 'labels'."""
     root = os.path.join(data_dir, 'cifar-10-batches-py')
     os.makedirs(root, exist_ok=True)
     for i, name in enumerate([f'data_batch_{j}' for j in range(1, 6)] + ['test_batch']):
-        x, y = fake_images(n_per_batch, 32, 3, seed=i)
+        x, y = images(n_per_batch, 32, 3, seed=i)
         with open(os.path.join(root, name), 'wb') as f:
             pickle.dump({'batch_label': name, 'labels': y.tolist(), 'data': x.reshape(n_per_batch, -1),
                          'filenames': [f'{j}.png' for j in range(n_per_batch)]}, f)

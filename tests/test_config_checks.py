@@ -23,7 +23,7 @@ ZERO_OK = {  # the numbers for which 0 is a legal value ("off", "the default", a
     'train_class_cfg.py': TRAIN_ZERO_OK | {'p_uncond', 'sample_cfg'},
     'train_denoiser.py': TRAIN_ZERO_OK | {'sigma', 'sigmas'},
     'sample.py': {'cfg', 'class_label', 'num_samples', 'seed'},
-    'evaluate.py': {'cfg', 'seed'},
+    'evaluate.py': {'cfg', 'classifier_epochs', 'seed'},
     'ideal_machines.py': {'num_noises', 'num_train', 'patch_size', 'seed'},
     'bench.py': {'batch_size', 'warmup', 'seed'},
 }

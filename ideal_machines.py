@@ -236,20 +236,15 @@ def agreement(x, ref):
 
 
 @torch.no_grad()
-def nearest(x, train, chunk=4096):
+def nearest(x, train):
     """The training image closest (L2) to each image of x, and the distance."""
-    best_d = torch.full((len(x),), float('inf'), device=x.device)
-    best_i = torch.zeros(len(x), dtype=torch.long, device=x.device)
-    for i in range(0, len(train), chunk):
-        m, j = torch.cdist(x.flatten(1), train[i:i + chunk].flatten(1)).min(1)
-        better = m < best_d
-        best_d, best_i = torch.where(better, m, best_d), torch.where(better, j + i, best_i)
-    return train[best_i], best_d
+    d, i = torch.cdist(x.flatten(1), train.flatten(1)).min(1)  # [B, N] distances: small beside the machines' blocks
+    return train[i], d
 
 
 if __name__ == '__main__':  # the experiment; importing this file gives only the machines above
-    from model import (NFE_PER_STEP, die, load_dataset, load_flow_model, resize, sample, save_labelled_grid,
-                       to_model_range)
+    from model import (NFE_PER_STEP, check_choices, die, load_dataset, load_flow_model, resize, sample,
+                       save_labelled_grid, to_model_range)
     # -------------------------------------------------------------------------
     out_dir = 'out/ideal'
     ckpt = 'out/flow_unet/ckpt.pt'  # an unconditional flow network of train_flow_unet.py
@@ -284,8 +279,7 @@ if __name__ == '__main__':  # the experiment; importing this file gives only the
         die(f'patch_size must be odd (or 0 = calibrated), got {patch_size}')
     if any(p % 2 == 0 for p in calib_sizes):
         die(f'calib_sizes must be odd, got {calib_sizes}')
-    if solver not in NFE_PER_STEP:
-        die(f"unknown solver {solver!r}: choose one of {', '.join(NFE_PER_STEP)}")
+    check_choices(solver=(solver, NFE_PER_STEP))
     torch.set_grad_enabled(False)
     net, checkpoint = load_flow_model(ckpt, device)
     if net.num_classes:
@@ -293,8 +287,7 @@ if __name__ == '__main__':  # the experiment; importing this file gives only the
     padding = checkpoint['model_args'].get('padding_mode', 'zeros')
     names = (machines or ('IS,LS,ELS' if padding == 'circular' else 'IS,LS,bbELS')).split(',')
     for m in names:
-        if m not in MACHINES:
-            die(f"unknown machine {m!r}: choose from {', '.join(MACHINES)}")
+        check_choices(machine=(m, MACHINES))
     dataset = dataset or checkpoint.get('config', {}).get('dataset', 'mnist')
     C, S = net.in_channels, net.input_size
     if patch_size > S and 'ELS' in names:
@@ -349,7 +342,7 @@ if __name__ == '__main__':  # the experiment; importing this file gives only the
         import matplotlib.pyplot as plt
         for m in patched:
             plt.plot(scheds[m]['t'], scheds[m]['P'], 'o-', label=m)
-        plt.gca().set(xlabel='t (1 = noise)', ylabel='patch size P', title=f'P(t) calibrated on {type(net).__name__}')
+        plt.gca().set(xlabel='t (1 = noise)', ylabel='patch size P', title=f'P(t) calibrated on the {type(net).__name__} ({padding} padding)')
         plt.legend(), plt.grid(alpha=0.3), plt.savefig(os.path.join(out_dir, 'schedule.png'), dpi=80), plt.close()
 
     # every machine from the same noises (all at once), with the network's solver and grid

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import (Batches, DATASETS, Progress, RectifiedFlow, UNet, check_choices, cosine_lr, die,
                    load_training_set, plot_loss, resume_checkpoint, rng_states, sample, save_checkpoint, save_grid,
-                   set_rng_states, setup_distributed, setup_precision, start_log, update_ema)
+                   set_rng_states, setup_distributed, setup_precision, start_log, teardown_distributed, update_ema)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -191,4 +191,5 @@ if master:
     write_samples(os.path.join(out_dir, 'samples.png'))
     log(f'done: {iter_num} iters in {(time.time() - progress.t_start) / 60:.1f} min; outputs in {out_dir}', flush=True)
 if ddp:
-    dist.destroy_process_group()
+    del train_model, model, optimizer  # DDP's hooks on the weights hold the process group
+    teardown_distributed()

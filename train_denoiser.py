@@ -22,7 +22,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import (Batches, DATASETS, Progress, UNet, check_choices, cosine_lr, die, load_dataset, load_training_set,
                    plot_loss, resize, resume_checkpoint, rng_states, save_checkpoint, save_labelled_grid,
-                   set_rng_states, setup_distributed, setup_precision, start_log, to_model_range, update_ema)
+                   set_rng_states, setup_distributed, setup_precision, start_log, teardown_distributed, to_model_range,
+                   update_ema)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -222,4 +223,5 @@ if master:
                            col_labels=['input'] * 5 + ['output'] * 5)
     log(f'done: {iter_num} iters in {(time.time() - progress.t_start) / 60:.1f} min; outputs in {out_dir}', flush=True)
 if ddp:
-    dist.destroy_process_group()
+    del train_model, model, optimizer  # DDP's hooks on the weights hold the process group
+    teardown_distributed()

@@ -21,7 +21,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import (Batches, DATASETS, DiT_Llama, Progress, RectifiedFlow, check_choices, cosine_lr, die,
                    load_training_set, plot_loss, resume_checkpoint, rng_states, sample, save_checkpoint, save_grid,
-                   set_rng_states, setup_distributed, setup_precision, start_log, update_ema, use_sdpa)
+                   set_rng_states, setup_distributed, setup_precision, start_log, teardown_distributed, update_ema,
+                   use_sdpa)
 
 # -----------------------------------------------------------------------------
 # default config: MNIST; config/dit_cifar10.py holds the CIFAR-10 preset
@@ -296,4 +297,5 @@ if ddp:
     sums = [torch.zeros(2, dtype=torch.float64, device=device) for _ in range(world_size)]
     dist.all_gather(sums, torch.stack([flat.sum(), flat.square().sum()]))
     log('DDP: parameter checksums per process: ' + ', '.join('{:.17g} {:.17g}'.format(*s.tolist()) for s in sums), flush=True)
-    dist.destroy_process_group()
+    del train_model, model, optimizer  # DDP's hooks on the weights hold the process group
+    teardown_distributed()

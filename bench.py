@@ -310,9 +310,9 @@ def compare_quality(out_dirs, path='quality.png'):
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
     for d in out_dirs:
         rows = [json.loads(line) for line in open(os.path.join(d, 'eval.jsonl'))]
-        m = [r['minutes'] for r in rows]
-        a1.plot(m, [100 * r['acc'] for r in rows], 'o-', label=d)
-        a2.plot(m, [r['fid_cls'] for r in rows], 'o-', label=d)
+        m, name = [r['minutes'] for r in rows], os.path.basename(os.path.normpath(d))
+        a1.plot(m, [100 * r['acc'] for r in rows], 'o-', label=name)
+        a2.plot(m, [r['fid_cls'] for r in rows], 'o-', label=name)
     a1.set(xlabel='training minutes', ylabel='class accuracy (%)', ylim=(0, 101))
     a2.set(xlabel='training minutes', ylabel='classifier-FID', yscale='log')
     for a in (a1, a2):

@@ -38,7 +38,9 @@ sample_interval = 2000  # 0: only at the end
 ckpt_interval = 1000
 eval_interval = 0  # every N iters (and at the end): class accuracy and classifier-FID of the EMA weights (evaluate.py)
 eval_samples = 500  # samples per evaluation, at sample_steps and sample_cfg, a fixed seed
-classifier_path = ''  # the judge evaluate.py uses ('' = its cache, out/classifier_<dataset>.pt, trained on first use)
+judge = ''  # the evaluations' classifier: '' = the dataset's own | mnist | fashion_mnist | cifar10 (for a folder of it)
+judge_data_dir = ''  # the judge's real train and test images ('' = data_dir; a folder: DIR holding train/ and test/)
+classifier_path = ''  # the judge evaluate.py uses ('' = its cache, out/classifier_<judge>.pt, trained on first use)
 # training
 batch_size = 128  # global: split across DDP processes
 max_iters = 0  # 0: run `epochs` epochs
@@ -89,11 +91,11 @@ config = {k: globals()[k] for k in config_keys}
 check_choices(dataset=(dataset, DATASETS), dtype=(dtype, ('bfloat16', 'float32')),
               device=(device, ('auto', 'cpu', 'cuda')), init_from=(init_from, ('scratch', 'resume')),
               attention=(attention, ('auto', 'sdpa', 'math')),
-              t_sampling=(t_sampling, ('logit_normal', 'uniform', 'mode')))
-
-if eval_interval and dataset not in ('mnist', 'fashion_mnist'):
-    die(f'--eval_interval judges samples with evaluate.py\'s classifier, which exists for mnist and fashion_mnist, '
-        f'not {dataset}: drop --eval_interval')
+              t_sampling=(t_sampling, ('logit_normal', 'uniform', 'mode')),
+              judge=(judge, ('', 'mnist', 'fashion_mnist', 'cifar10')))
+if eval_interval and (judge or dataset) not in ('mnist', 'fashion_mnist', 'cifar10'):
+    die(f'--eval_interval judges samples with evaluate.py\'s classifiers (mnist, fashion_mnist, cifar10); for a folder '
+        f'of images name one, e.g. --judge=cifar10 --judge_data_dir=DIR, or drop --eval_interval')
 t_begin = time.time()  # the training wall clock (evaluations excluded) counts from here
 
 # processes and devices: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE
@@ -188,7 +190,7 @@ def evaluate_ema(it):
     p = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'evaluate.py'),
                         f'--ckpt={path}', f'--data_dir={data_dir}', f'--num_samples={eval_samples}', f'--cfg={sample_cfg}',
                         f'--steps={sample_steps}', '--inception=off', f'--out_json={out_json}', f'--device={device_type}',
-                        f'--classifier_path={classifier_path}'],
+                        f'--classifier_path={classifier_path}', f'--judge={judge}', f'--judge_data_dir={judge_data_dir}'],
                        capture_output=True, text=True)
     os.remove(path)
     if p.returncode:

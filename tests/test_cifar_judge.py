@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import fake_colour_images, run, write_cifar10, write_image_folder
+from conftest import TINY_DIT, fake_colour_images, run, write_cifar10, write_image_folder
 from model import load_dataset
 
 EPOCHS = '--classifier_epochs=10'  # 500 fake images: 30 iterations, a few seconds
@@ -148,3 +148,20 @@ def test_cifar_judge_bad_input(case, msg, pickles, tmp_path):
         npz = npz_of(str(tmp_path / 's.npz'), torch.from_numpy(x[:, :1]), y)
     one_line_error(run('evaluate.py', f'--npz={npz}', *args, f'--classifier_path={clf}', '--inception=off', check=False), msg)
     assert not os.path.exists(tmp_path / 's_eval.json') and (case == 'other') == os.path.exists(clf)
+
+
+def test_train_dit_on_a_jpeg_folder_is_judged_by_the_cifar10_judge(jpegs, judge, tmp_path):
+    """train_dit.py on the stand-in's layout, --judge=cifar10: every evaluation is a row of eval.jsonl, scored by the
+    cached judge (the same numbers evaluate.py gives by hand on the final weights)."""
+    out = str(tmp_path / 'dit')
+    run('train_dit.py', '--dataset=folder', f'--data_dir={jpegs}/train', f'--out_dir={out}', '--batch_size=16',
+        '--max_iters=4', '--eval_interval=2', '--eval_samples=20', '--judge=cifar10', f'--judge_data_dir={jpegs}',
+        f'--classifier_path={judge}', '--patch_size=4', '--sample_interval=0', *TINY_DIT)
+    rows = [json.loads(line) for line in open(os.path.join(out, 'eval.jsonl'))]
+    assert [r['iter'] for r in rows] == [2, 4] and all(0 <= r['acc'] <= 1 and r['fid_cls'] > 0 for r in rows)
+    by_hand = str(tmp_path / 'by_hand.json')
+    run('evaluate.py', f'--ckpt={os.path.join(out, "ckpt.pt")}', f'--data_dir={jpegs}/train', '--num_samples=20',
+        '--cfg=2.0', '--steps=2', '--inception=off', '--judge=cifar10', f'--judge_data_dir={jpegs}',
+        f'--classifier_path={judge}', f'--out_json={by_hand}')
+    r = json.load(open(by_hand))['rows'][0]
+    assert (r['acc'], round(r['fid_cls'], 6)) == (rows[1]['acc'], round(rows[1]['fid_cls'], 6))

@@ -206,9 +206,9 @@ def test_in_training_evaluation_logs_quality_against_minutes(mnist_dir, tmp_path
     r = json.load(open(by_hand))['rows'][0]
     assert (r['acc'], round(r['fid_cls'], 6)) == (rows[1]['acc'], round(rows[1]['fid_cls'], 6))
     assert json.load(open(by_hand))['classifier_test_acc'] >= 0.95  # the judge itself knows the bars
-    never = str(tmp_path / 'never')  # no judge for CIFAR-10: one line before anything is read or written
-    one_line_error(run('train_dit.py', '--dataset=cifar10', '--eval_interval=5', f'--out_dir={never}', check=False),
-                   '--eval_interval', 'not cifar10')
+    never = str(tmp_path / 'never')  # a folder has no judge of its own: one line before anything is read or written
+    one_line_error(run('train_dit.py', '--dataset=folder', '--eval_interval=5', f'--out_dir={never}', check=False),
+                   '--eval_interval', '--judge=cifar10')
     assert not os.path.exists(never)
 
 

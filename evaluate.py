@@ -38,7 +38,7 @@ from model import (NFE_PER_STEP, check_choices, cosine_lr, die, load_dataset, lo
 out_dir = 'out/class_cfg'
 ckpt = ''  # '' = out_dir/ckpt.pt
 npz = ''  # evaluate these samples (arr_0 uint8 NxHxWxC, arr_1 labels) instead of sampling a checkpoint
-dataset = ''  # '' = the checkpoint's dataset (mnist for an npz)
+dataset = ''  # '' = the checkpoint's dataset (for an npz: the judge's, else mnist)
 data_dir = 'data'
 num_samples = 1000
 solver = 'euler'
@@ -359,7 +359,7 @@ if __name__ == '__main__':
             die(f'{npz} is not an .npz of samples with arr_0 (uint8 NxHxWxC): {type(e).__name__}')
         if x_npz.dtype != np.uint8 or x_npz.ndim != 4:
             die(f'{npz}: arr_0 must be uint8 NxHxWxC, got {x_npz.dtype} {x_npz.shape}')
-        dataset, channels = dataset or 'mnist', x_npz.shape[3]
+        dataset, channels = dataset or judge or 'mnist', x_npz.shape[3]
         num_classes = int(y_npz.max()) + 1 if y_npz is not None and len(np.unique(y_npz)) > 1 else 0
         settings = [('npz', 0, float('nan'))]
     else:

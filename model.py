@@ -462,9 +462,8 @@ def setup_distributed(device, batch_size):
     return ddp, rank, local_rank, world_size, device
 
 def teardown_distributed():
-    """The end of a DDP run: collect what still holds the process group (DDP's hooks on the weights, once the script has
-    deleted the model), wait for every process, then destroy the group. A gloo group freed at interpreter exit, or torn
-    down while a peer still uses it, can abort a process that has finished its work (seen in about 1 run in 6 here)."""
+    """Free what holds the process group (DDP's hooks, once the script has deleted the model), wait for every process,
+    then destroy it: a gloo group freed at exit, or while a peer uses it, aborted about 1 finished run in 6 here."""
     gc.collect()
     dist.barrier()
     dist.destroy_process_group()
@@ -507,12 +506,11 @@ def _torchvision_idx(name, data_dir, train, download):
     from torchvision import datasets
     cls, folder = {'mnist': (datasets.MNIST, 'MNIST'), 'fashion_mnist': (datasets.FashionMNIST, 'FashionMNIST')}[name]
     made = not os.path.exists(os.path.join(data_dir, folder))
-    for dl in (False, True) if download else (False,):
-        try:
-            ds = cls(data_dir, train=train, download=dl)
-            return ds.data.unsqueeze(1), ds.targets
-        except Exception:
-            pass
+    try:  # download=True skips files already there
+        ds = cls(data_dir, train=train, download=download)
+        return ds.data.unsqueeze(1), ds.targets
+    except Exception:
+        pass
     if made:  # leave nothing behind from a failed download
         shutil.rmtree(os.path.join(data_dir, folder), ignore_errors=True)
     files = ', '.join(f'{s}-{k}-ubyte' for s in ('train', 't10k') for k in ('images-idx3', 'labels-idx1'))
@@ -703,26 +701,21 @@ def save_checkpoint(ckpt, path):
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
 
-def load_checkpoint(path):
-    """A nanoflow checkpoint dict; FileNotFoundError / ValueError with a one-line reason otherwise."""
+def load_checkpoint(path, hint=''):
+    """A nanoflow checkpoint dict, or die with the reason and then `hint`."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'no checkpoint at {path}')
+        die(f'no checkpoint at {path}{hint}')
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=False)
     except Exception as e:
-        raise ValueError(f'cannot read checkpoint {path} ({type(e).__name__}); it is damaged or not a torch file') from None
+        die(f'cannot read checkpoint {path} ({type(e).__name__}); it is damaged or not a torch file{hint}')
     if not isinstance(ckpt, dict) or 'model_args' not in ckpt or 'model' not in ckpt:
-        raise ValueError(f'{path} is not a nanoflow checkpoint (no model_args / model)')
+        die(f'{path} is not a nanoflow checkpoint (no model_args / model){hint}')
     return ckpt
 
 def resume_checkpoint(path, expect):
     """The checkpoint to continue from, or die saying what to do; `expect`: the model_args this run needs."""
-    if not os.path.isfile(path):
-        die(f"init_from='resume' but there is no checkpoint at {path}: train with --init_from=scratch or set --out_dir")
-    try:
-        ckpt = load_checkpoint(path)
-    except (FileNotFoundError, ValueError) as e:
-        die(f'{e}; start again with --init_from=scratch')
+    ckpt = load_checkpoint(path, ": train with --init_from=scratch or set --out_dir")
     wrong = {k: (ckpt['model_args'].get(k), v) for k, v in expect.items() if ckpt['model_args'].get(k) != v}
     if wrong:
         diff = ', '.join(f'{k}={a!r} there, {b!r} here' for k, (a, b) in wrong.items())
@@ -731,10 +724,7 @@ def resume_checkpoint(path, expect):
 
 def load_flow_model(path, device='cpu', use_ema=True, sdpa=True):
     """(The flow model rebuilt from model_args, EMA weights by default, in eval mode; the checkpoint), or die."""
-    try:
-        ckpt = load_checkpoint(path)
-    except (FileNotFoundError, ValueError) as e:
-        die(f'{e}: pass --out_dir=DIR of a training run or --ckpt=PATH')
+    ckpt = load_checkpoint(path, ': pass --out_dir=DIR of a training run or --ckpt=PATH')
     if not ckpt['model_args'].get('time_cond', True):
         die(f'{path} is a one-step denoiser (no time input), not a flow model: use a checkpoint of '
             f'train_flow_unet.py, train_class_cfg.py or train_dit.py')

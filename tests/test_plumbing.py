@@ -2,6 +2,7 @@
 choice, device-side loss bookkeeping, the CPU-pinned test environment."""
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -84,3 +85,25 @@ def test_the_suite_and_its_scripts_run_on_the_cpu(monkeypatch):
     monkeypatch.setattr(conftest.subprocess, 'run', lambda cmd, **kw: seen.update(kw) or subprocess.CompletedProcess(cmd, 0, '', ''))
     conftest.run('train_dit.py', '--help')
     assert seen['env']['CUDA_VISIBLE_DEVICES'] == ''
+
+
+@pytest.mark.skipif(not os.path.exists('/proc/self/statm'), reason='reads resident memory from /proc (Linux)')
+@pytest.mark.parametrize('setup,keeps', [(False, False), (True, True)])
+def test_cpu_setup_keeps_freed_memory_for_the_next_tensor(setup, keeps):
+    """glibc returns a freed 12 MB tensor to the system (its pages fault in again on the next one) unless
+    setup_precision('cpu', ...) asked it to keep freed memory: resident memory after `del` tells which."""
+    code = f'''
+import os, torch
+from model import setup_precision
+if {setup}:
+    setup_precision('cpu', 'bfloat16')
+rss = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 20
+a = torch.ones(3 * 2 ** 20)  # 12 MB, touched
+before = rss()
+del a
+print(before - rss())'''
+    from conftest import ROOT
+    env = {k: v for k, v in os.environ.items() if not k.startswith('MALLOC_')}  # glibc's defaults as the control
+    p = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    freed_mb = float(p.stdout.split()[-1])
+    assert (freed_mb < 2) if keeps else (freed_mb > 10)

@@ -224,6 +224,7 @@ def bench_minrf():
     except ImportError as e:
         raise SystemExit(f'error: no minRF checkout at {minrf_dir} (dit.py, rf.py): {e}')
     B, d = batch_size or 128, script_defaults('train_dit.py')
+    setup_precision(device, d['dtype'])  # as train_dit.py starts (on a CPU: glibc keeps freed memory; minRF gains too)
     x0, y = torch.randn(B, 1, 32, 32, device=device), torch.randint(0, 10, (B,), device=device)
     null = torch.full_like(y, 10)
 

@@ -62,6 +62,26 @@ def test_rope_scores_depend_only_on_relative_position():
     a = rope_grid(4, 4, hd)
     x = torch.randn(2, 16, hd)
     assert torch.allclose(apply_rope(x, a).norm(dim=-1), x.norm(dim=-1), atol=1e-5)
+    assert torch.allclose(apply_rope(x, a, 0.25).norm(dim=-1), 0.25 * x.norm(dim=-1), atol=1e-5)  # and scale
+
+
+def test_attention_is_the_textbook_softmax_of_scaled_scores():
+    """Against softmax(q k^T / sqrt(d)) v written out, RMSNorm by hand: q's 1/sqrt(d), folded into its rotation in
+    Attention, is applied exactly once, in both the explicit and the SDPA path."""
+    torch.manual_seed(0)
+    att = Attention(32, 4, sdpa=False)
+    with torch.no_grad():
+        att.q_norm.weight.uniform_(0.5, 1.5)
+        att.k_norm.weight.uniform_(0.5, 1.5)
+    x, angles = torch.randn(2, 16, 32), rope_grid(4, 4, 8)
+    q, k, v = att.qkv(x).view(2, 16, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    rms = lambda t, w: t / (t.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt() * w
+    q, k = apply_rope(rms(q, att.q_norm.weight), angles), apply_rope(rms(k, att.k_norm.weight), angles)
+    y = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(8), dim=-1) @ v
+    ref = att.proj(y.transpose(1, 2).reshape(2, 16, 32))
+    for sdpa in (False, True):
+        att.sdpa = sdpa
+        assert torch.allclose(att(x, angles), ref, atol=1e-5)
 
 
 def test_sdpa_equals_explicit_softmax_attention():

@@ -88,12 +88,13 @@ config = {k: globals()[k] for k in config_keys}
 # -----------------------------------------------------------------------------
 
 
+JUDGES = ('mnist', 'fashion_mnist', 'cifar10')  # evaluate.py's classifiers (its RECIPES)
 check_choices(dataset=(dataset, DATASETS), dtype=(dtype, ('bfloat16', 'float32')),
               device=(device, ('auto', 'cpu', 'cuda')), init_from=(init_from, ('scratch', 'resume')),
               attention=(attention, ('auto', 'sdpa', 'math')),
               t_sampling=(t_sampling, ('logit_normal', 'uniform', 'mode')),
-              judge=(judge, ('', 'mnist', 'fashion_mnist', 'cifar10')))
-if eval_interval and (judge or dataset) not in ('mnist', 'fashion_mnist', 'cifar10'):
+              judge=(judge, ('', *JUDGES)))
+if eval_interval and (judge or dataset) not in JUDGES:
     die(f'--eval_interval judges samples with evaluate.py\'s classifiers (mnist, fashion_mnist, cifar10); for a folder '
         f'of images name one, e.g. --judge=cifar10 --judge_data_dir=DIR, or drop --eval_interval')
 t_begin = time.time()  # the training wall clock (evaluations excluded) counts from here

@@ -148,16 +148,16 @@ class Attention(nn.Module):
         y = self.sdpa_attention(q, k, v, angles) if self.sdpa else self.explicit_attention(q, k, v, angles)
         return self.proj(y.reshape(B, L, D))  # y: [B, L, heads, head_dim]
 
-    def norm_rope(self, q, k, v, angles):
-        return self.q_norm(q, angles, self.head_dim ** -0.5).to(v.dtype), self.k_norm(k, angles).to(v.dtype)  # q / sqrt(d)
+    def norm_rope(self, q, k, angles):  # q's 1/sqrt(d) rides on its rotation
+        return self.q_norm(q, angles, self.head_dim ** -0.5), self.k_norm(k, angles)
 
     def sdpa_attention(self, q, k, v, angles):
-        return F.scaled_dot_product_attention(*self.norm_rope(q, k, v, angles), v, scale=1.0).transpose(1, 2)
+        return F.scaled_dot_product_attention(*self.norm_rope(q, k, angles), v, scale=1.0).transpose(1, 2)
 
     @torch.compiler.disable  # eager under torch.compile: compiled through, the hand-written backwards were slower
     def explicit_attention(self, q, k, v, angles):  # on a CPU in chunks of the batch whose L x L scores stay in cache
         n = max(1, 2 ** 21 // (self.n_heads * q.shape[2] ** 2)) if q.device.type == 'cpu' else len(q)
-        return ExplicitAttention.apply(*self.norm_rope(q, k, v, angles), v, n)
+        return ExplicitAttention.apply(*self.norm_rope(q, k, angles), v, n)
 
 class ExplicitAttention(torch.autograd.Function):
     """softmax(q k^T) v for q, k, v [B, heads, L, d], returned as [B, L, heads, d], n images at a time. The backward

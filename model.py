@@ -148,40 +148,58 @@ class Attention(nn.Module):
         y = self.sdpa_attention(q, k, v, angles) if self.sdpa else self.explicit_attention(q, k, v, angles)
         return self.proj(y.reshape(B, L, D))  # y: [B, L, heads, head_dim]
 
-    def norm_rope(self, q, k, angles):  # q's 1/sqrt(d) rides on its rotation
-        return self.q_norm(q, angles, self.head_dim ** -0.5), self.k_norm(k, angles)
-
-    def sdpa_attention(self, q, k, v, angles):
-        return F.scaled_dot_product_attention(*self.norm_rope(q, k, angles), v, scale=1.0).transpose(1, 2)
+    def sdpa_attention(self, q, k, v, angles):  # q's 1/sqrt(d) rides on its rotation
+        q, k = self.q_norm(q, angles, self.head_dim ** -0.5), self.k_norm(k, angles)
+        return F.scaled_dot_product_attention(q, k, v, scale=1.0).transpose(1, 2)
 
     @torch.compiler.disable  # eager under torch.compile: compiled through, the hand-written backwards were slower
     def explicit_attention(self, q, k, v, angles):  # on a CPU in chunks of the batch whose L x L scores stay in cache
         n = max(1, 2 ** 21 // (self.n_heads * q.shape[2] ** 2)) if q.device.type == 'cpu' else len(q)
-        return ExplicitAttention.apply(*self.norm_rope(q, k, angles), v, n)
+        scale = self.head_dim ** -0.5 * math.log2(math.e)  # scores in base 2: softmax(s) = 2^(s log2 e) / sum
+        # |q k^T| <= |q| |k| <= d scale max|w_q| max|w_k| (RMSNorm: |x / rms(x)| <= sqrt(d)): below 100, 2^(q k^T) can
+        # neither overflow nor vanish and no row max is needed (the models trained here: 8-26); above, it is subtracted
+        bound = self.head_dim * scale * self.q_norm.weight.abs().max() * self.k_norm.weight.abs().max() \
+            if self.q_norm.weight is not None else math.inf
+        q, k = self.q_norm(q, angles, scale), self.k_norm(k, angles)
+        return ExplicitAttention.apply(q, k, v, n, bool(bound >= 100))
 
 class ExplicitAttention(torch.autograd.Function):
-    """softmax(q k^T) v for q, k, v [B, heads, L, d], returned as [B, L, heads, d], n images at a time. The backward
-    by hand (p = softmax, ds = p * (dp - sum(dp * p))) takes dv^T = do^T p, 1.5x faster here than autograd's p^T do."""
+    """y = softmax(q k^T ln 2) v (base 2: the caller folds log2 e into q) for q, k, v [B, heads, L, d], returned as
+    [B, L, heads, d], n images at a time. Forward: e = 2^(q k^T) (minus the row max if sub_max), then e [v, 1] =
+    [e v, sum(e)]: one pass over e where softmax takes two. Backward by hand, with p = e / sum(e) and D = sum_j p dp
+    = do . y per row: ds = ln2 p (dp - D) = e * ([do', -D'] [v, 1]^T), do' = do ln2 / sum(e), D' = D ln2 / sum(e).
+    The row-wise divisions run in fp32 (in bf16, broadcast along rows of d, they are 7x slower on a CPU)."""
     @staticmethod
-    def forward(ctx, q, k, v, n):
-        y, ps = q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]), []
+    def forward(ctx, q, k, v, n, sub_max):
+        d, f32 = v.shape[-1], torch.promote_types(v.dtype, torch.float32)
+        y, es, dens = q.new_empty(q.shape[0], q.shape[2], q.shape[1], d), [], []
+        v1 = torch.cat([v, torch.ones_like(v[..., :1])], -1)
         for i in range(0, q.shape[0], n):
-            ps.append((q[i:i + n] @ k[i:i + n].transpose(-2, -1)).softmax(dim=-1))
-            y[i:i + n] = (ps[-1] @ v[i:i + n]).transpose(1, 2)
-        ctx.save_for_backward(q, k, v, *ps)
+            s = q[i:i + n] @ k[i:i + n].transpose(-2, -1)
+            if sub_max:
+                s -= s.amax(dim=-1, keepdim=True)
+            es.append(s.exp2_())
+            yd = (es[-1] @ v1[i:i + n]).to(f32)  # [e v, sum(e)]
+            dens.append(yd[..., d:])
+            y[i:i + n] = (yd[..., :d] / dens[-1]).transpose(1, 2)
+        ctx.save_for_backward(q, k, v1, y, *es, *dens)
         ctx.n = n
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        (q, k, v, *ps), n = ctx.saved_tensors, ctx.n
-        dq, dk, dv, do = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dy.transpose(1, 2)
-        for p, i in zip(ps, range(0, q.shape[0], n)):
-            ds = torch._softmax_backward_data(do[i:i + n] @ v[i:i + n].transpose(-2, -1), p, -1, p.dtype)
+        (q, k, v1, y, *saved), n = ctx.saved_tensors, ctx.n
+        es, dens = saved[:len(saved) // 2], saved[len(saved) // 2:]
+        dq, dk, dv, do = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v1[..., :-1]), dy.transpose(1, 2)
+        D = (dy * y).sum(dim=-1, dtype=dens[0].dtype).transpose(1, 2).unsqueeze(-1)  # do . y: [B, heads, L, 1]
+        for e, den, i in zip(es, dens, range(0, q.shape[0], n)):
+            do_den = do[i:i + n].to(den.dtype, memory_format=torch.contiguous_format) / den  # do / sum(e)
+            dpd = torch.cat([do_den, -D[i:i + n] / den], -1).mul_(math.log(2)).to(q.dtype)  # [do', -D']
+            ds = (dpd @ v1[i:i + n].transpose(-2, -1)).mul_(e)
             dq[i:i + n] = ds @ k[i:i + n]
             dk[i:i + n] = (q[i:i + n].transpose(-2, -1) @ ds).transpose(-2, -1)  # dk^T = q^T ds
-            dv[i:i + n] = (do[i:i + n].transpose(-2, -1) @ p).transpose(-2, -1)  # dv^T = do^T p
-        return dq, dk, dv, None
+            dv[i:i + n] = (do_den.to(q.dtype).transpose(-2, -1) @ e).transpose(-2, -1)  # dv^T = (do / sum(e))^T e
+        return dq, dk, dv, None, None
 
 class SwiGLU(nn.Module):
     """w2(silu(w1 x) * w3 x), hidden size 2/3 of 4*dim as in LLaMA, rounded up to a multiple of 32."""

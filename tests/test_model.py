@@ -65,14 +65,16 @@ def test_rope_scores_depend_only_on_relative_position():
     assert torch.allclose(apply_rope(x, a, 0.25).norm(dim=-1), 0.25 * x.norm(dim=-1), atol=1e-5)  # and scale
 
 
-def test_attention_is_the_textbook_softmax_of_scaled_scores():
+@pytest.mark.parametrize('norm_weight', [1.0, 20.0])  # 20: scores up to ~1000, past 2^128 without the row max
+def test_attention_is_the_textbook_softmax_of_scaled_scores(norm_weight):
     """Against softmax(q k^T / sqrt(d)) v written out, RMSNorm by hand: q's 1/sqrt(d), folded into its rotation in
-    Attention, is applied exactly once, in both the explicit and the SDPA path."""
+    Attention, is applied exactly once, in both the explicit and the SDPA path; the explicit path's exponentials
+    without the row max are taken only where the norms' weights bound the scores (else they overflow)."""
     torch.manual_seed(0)
     att = Attention(32, 4, sdpa=False)
     with torch.no_grad():
-        att.q_norm.weight.uniform_(0.5, 1.5)
-        att.k_norm.weight.uniform_(0.5, 1.5)
+        att.q_norm.weight.uniform_(0.5, 1.5).mul_(norm_weight)
+        att.k_norm.weight.uniform_(0.5, 1.5).mul_(norm_weight)
     x, angles = torch.randn(2, 16, 32), rope_grid(4, 4, 8)
     q, k, v = att.qkv(x).view(2, 16, 3, 4, 8).permute(2, 0, 3, 1, 4)
     rms = lambda t, w: t / (t.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt() * w
@@ -81,15 +83,16 @@ def test_attention_is_the_textbook_softmax_of_scaled_scores():
     ref = att.proj(y.transpose(1, 2).reshape(2, 16, 32))
     for sdpa in (False, True):
         att.sdpa = sdpa
-        assert torch.allclose(att(x, angles), ref, atol=1e-5)
+        assert torch.allclose(att(x, angles), ref, atol=1e-5 * norm_weight)
 
 
 def test_hand_written_backwards_match_finite_differences():
     """The two autograd Functions with a backward by hand, checked in float64 against finite differences: the explicit
-    attention in chunks that do not divide the batch (3 images, 2 at a time), and RMSNorm + RoPE with a scale, in chunks."""
+    attention in chunks that do not divide the batch (3 images, 2 at a time), with and without the row max, and RMSNorm + RoPE with a scale, in chunks."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(3, 2, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    assert torch.autograd.gradcheck(lambda a, b, c: ExplicitAttention.apply(a, b, c, 2), (q, k, v))
+    for sub_max in (False, True):
+        assert torch.autograd.gradcheck(lambda a, b, c: ExplicitAttention.apply(a, b, c, 2, sub_max), (q, k, v))
     x, w = torch.randn(2, 3, 6, 8, dtype=torch.float64, requires_grad=True), torch.randn(8, dtype=torch.float64, requires_grad=True)
     rot = torch.polar(torch.full((6, 4), 0.7, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64))
     assert torch.autograd.gradcheck(lambda a, b: NormRoPEFunction.apply(a, b, rot, 1e-6, 1), (x, w))  # 1 image a chunk

@@ -181,7 +181,7 @@ class ExplicitAttention(torch.autograd.Function):
                 s -= s.amax(dim=-1, keepdim=True)
             es.append(s.exp2_())
             yd = (es[-1] @ v1[i:i + n]).to(f32)  # [e v, sum(e)]
-            dens.append(yd[..., d:])
+            dens.append(yd[..., d:].contiguous())  # not a view: it would keep all of yd alive for the backward
             y[i:i + n] = (yd[..., :d] / dens[-1]).transpose(1, 2)
         ctx.save_for_backward(q, k, v1, y, *es, *dens)
         ctx.n = n

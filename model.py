@@ -144,6 +144,13 @@ class Attention(nn.Module):
         self.q_norm, self.k_norm = RMSNormRoPE(self.head_dim, qk_norm), RMSNormRoPE(self.head_dim, qk_norm)
 
     def forward(self, x, angles):
+        return self.layer(x, angles) if self.sdpa else self.eager_layer(x, angles)
+
+    @torch.compiler.disable  # eager under torch.compile: compiled, the explicit form's qkv copies and hand-written
+    def eager_layer(self, x, angles):  # backwards were slower (whole step -6 % against compiling the rest only)
+        return self.layer(x, angles)
+
+    def layer(self, x, angles):
         B, L, D = x.shape  # q, k, v: [B, heads, L, head_dim], copied once into that order (not copied per product)
         q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4).contiguous()
         y = self.sdpa_attention(q, k, v, angles) if self.sdpa else self.explicit_attention(q, k, v, angles)
@@ -153,7 +160,6 @@ class Attention(nn.Module):
         q, k = self.q_norm(q, angles, self.head_dim ** -0.5), self.k_norm(k, angles)
         return F.scaled_dot_product_attention(q, k, v, scale=1.0).transpose(1, 2)
 
-    @torch.compiler.disable  # eager under torch.compile: compiled through, the hand-written backwards were slower
     def explicit_attention(self, q, k, v, angles):  # on a CPU in chunks of the batch whose L x L scores stay in cache
         n = max(1, 2 ** 21 // (self.n_heads * q.shape[2] ** 2)) if q.device.type == 'cpu' else len(q)
         scale = self.head_dim ** -0.5 * math.log2(math.e)  # scores in base 2: softmax(s) = 2^(s log2 e) / sum

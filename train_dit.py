@@ -2,7 +2,7 @@
 DiT-LLaMA rectified flow on MNIST, Fashion-MNIST, CIFAR-10 or a folder of images.
 
     python train_dit.py --dataset=mnist                         # one process (CPU or one GPU)
-    python train_dit.py config/dit_cifar10.py --compile=True
+    python train_dit.py config/dit_cifar10.py --compile=False  # eager: no compile at start (~25 s on a CPU)
     torchrun --nproc_per_node=4 train_dit.py --dataset=cifar10  # DDP: NCCL on GPUs, gloo on CPU
 
 Writes under out_dir: ckpt.pt, log.jsonl, loss.png, loss_vs_t.png, samples_<iter>.png, samples.png.
@@ -71,7 +71,7 @@ stem_channels = 32
 # system
 device = 'auto'  # auto | cpu | cuda
 dtype = 'bfloat16'  # bfloat16 (autocast) | float32
-compile = False
+compile = True  # torch.compile the training step (on a CPU it needs a C++ compiler; without one the run is eager)
 attention = 'auto'  # sdpa | math (explicit softmax) | auto: math for bf16 on a CPU, else sdpa (bench.py)
 config_domains = dict(  # each number's domain: a kind of configurator.py (count >= 1, count0 >= 0, ...) or a range
     image_size=(0, 4096), log_interval='count', sample_interval='count0', ckpt_interval='count', eval_interval='count0',
@@ -105,6 +105,10 @@ master = rank == 0
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 log = print if master else (lambda *a, **k: None)
 ctx, dtype = setup_precision(device, dtype, log)  # TF32 on GPUs; bf16 autocast where the device has it
+cxx = os.environ.get('CXX') or ('clang++' if sys.platform == 'darwin' else 'g++')  # the compiler inductor calls
+if compile and device_type == 'cpu' and not shutil.which(cxx):
+    log(f'note: torch.compile on a CPU needs a C++ compiler and {cxx} is not on PATH: this run is eager (--compile=False)')
+    compile = False
 torch.manual_seed(seed + rank)
 if device_type == 'cpu' and (dim, n_layers, patch_size) == (128, 6, 2):
     log('note: no GPU, and this is the GPU-sized model: on a CPU, python train_dit.py config/dit_mnist_cpu.py '

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from conftest import TINY_DIT, ema_grid, label_rows_trained, run
-from model import load_checkpoint, load_dataset
+from model import DiT_Llama, load_checkpoint, load_dataset
 
 
 def read_log(out_dir):
@@ -129,6 +129,26 @@ def test_resume_equals_uninterrupted_run(mnist_dir, tmp_path):
         for name, w in ca[key].items():
             assert torch.equal(w, cb[key][name]), (key, name)
     assert [r['iter'] for r in read_log(b)] == list(range(1, 13))
+
+
+def test_compiled_default_trains_as_eager_and_falls_back_without_a_compiler(mnist_dir, tmp_path):
+    """train_dit.py compiles by default: in fp32 its losses over 4 steps are eager's (the explicit attention runs eager
+    inside the compiled model; Adam turns the rounding noise of gradients that are zero in exact arithmetic, such as a
+    bias before a per-channel GroupNorm, into lr-sized steps, so not every weight is compared) and the checkpoint loads
+    into a plain model; with no C++ compiler the run is eager."""
+    common = [f'--data_dir={mnist_dir}', '--batch_size=32', '--max_iters=4', '--dtype=float32', '--attention=math',
+              '--compile=True', '--p_uncond=0', *TINY_DIT]  # no label dropout: compiled code draws its own random numbers
+    a, b = str(tmp_path / 'compiled'), str(tmp_path / 'no_cxx')
+    pa = run('train_dit.py', f'--out_dir={a}', *common)
+    pb = run('train_dit.py', f'--out_dir={b}', *common, env=dict(CXX=str(tmp_path / 'no-such-compiler')))
+    assert 'needs a C++ compiler' not in pa.stdout and 'needs a C++ compiler' in pb.stdout
+    ca, cb = load_checkpoint(os.path.join(a, 'ckpt.pt')), load_checkpoint(os.path.join(b, 'ckpt.pt'))
+    model = DiT_Llama(**ca['model_args'])
+    model.load_state_dict(ca['model'])  # strict: no '_orig_mod.' prefixes from torch.compile
+    la, lb = [r['loss'] for r in read_log(a)], [r['loss'] for r in read_log(b)]
+    assert len(la) == 4 and la == pytest.approx(lb, rel=1e-5) and la[0] != pytest.approx(la[-1], rel=1e-3)
+    w = ca['model']['final_layer.linear.weight']  # zero at init (AdaLN-Zero): moved by the 4 steps, alike in both runs
+    assert w.abs().max() > 1e-3 and torch.allclose(w, cb['model']['final_layer.linear.weight'], atol=2e-5)
 
 
 def test_ddp_two_processes_gloo(mnist_dir, tmp_path):

@@ -41,7 +41,7 @@ ideal_batch = (1, 32)  # noises run together
 ideal_machines = 'IS,LS,ELS,bbELS'
 curves = ''  # 'out/a,out/b': instead of timing, overlay train_dit.py runs: quality vs minutes (eval.jsonl) or loss
 minrf_dir = ''  # a checkout of cloneofsimo/minRF (kept outside this repo): instead, its DiT beside ours at its MNIST size
-minrf_variants = 'default,fp32,bf16,fp32_sdpa,fp32_math,bf16_sdpa,bf16_math,default_compile'  # ours; default = train_dit.py's
+minrf_variants = 'default,bf16,fp32_compile,fp32,fp32_math,bf16_sdpa,bf16_math'  # default: train_dit.py's; eager unless _compile
 rounds = 5  # --minrf_dir: alternating timed rounds per implementation (the median is reported)
 config_domains = dict(  # each number's domain: a kind of configurator.py (count >= 1, count0 >= 0, ...) or a range
     batch_size='count0', iters='count', rounds='count', warmup='count0', seed='seed', ideal_n='count', ideal_p='size',
@@ -256,7 +256,7 @@ def bench_minrf():
         sampler = DiT_Llama(1, 32, 2, 64, 6, 4, 10, sdpa=use_sdpa(attention, device_type, dtype))
         sampler = sampler.to(device).eval().requires_grad_(False)  # as sample.py builds it (its own attention choice)
         run_model = torch.compile(model, dynamic=False) if use_compile else model
-        run_sampler = torch.compile(sampler, dynamic=False) if use_compile else sampler
+        run_sampler = torch.compile(sampler, dynamic=False) if variant.endswith('compile') else sampler  # as sample.py
         ctx = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
         opt = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(d['beta1'], d['beta2']), fused=True)
         flow = RectifiedFlow()

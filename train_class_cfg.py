@@ -120,7 +120,7 @@ if ckpt is not None:
     del ckpt
 train_model = torch.compile(model) if compile else model
 if ddp:
-    train_model = DDP(train_model, device_ids=[local_rank] if device_type == 'cuda' else None, broadcast_buffers=False)
+    train_model = DDP(train_model, device_ids=[local_rank] if device_type == 'cuda' else None, forward_sync_buffers=False)
 flow = RectifiedFlow(t_sampling)
 
 

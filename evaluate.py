@@ -1,7 +1,7 @@
 """
 Quality numbers for a flow checkpoint (sampled here, with the given solver, steps and cfg) or an .npz of samples.
 
-    python evaluate.py --out_dir=out/class_cfg --data_dir=../shared/data                  # euler 50, cfg 2
+    python evaluate.py --out_dir=out/class_cfg --data_dir=DIR                             # euler 50, cfg 2
     python evaluate.py --out_dir=out/dit_mnist --runs=euler:50:2,euler:10:2,heun:10:2,rk4:5:2
     python evaluate.py --npz=out/dit_mnist/samples.npz --dataset=mnist
     python evaluate.py --out_dir=out/dit_cifar10 --judge=cifar10 --judge_data_dir=data/cifar10-jpeg  # DiT on a folder
@@ -102,7 +102,7 @@ def cifar_classifier(num_classes):
 
 
 # each judge's network and training: AdamW at lr 2e-3, batch 128, warm-up then cosine decay; cifar10 on random crops
-# (zero padding 4) and flips, with label smoothing, under bf16 autocast (as --dtype): twice the images/s here
+# (zero padding 4) and flips, with label smoothing, under bf16 autocast (as --dtype), which trains it faster
 RECIPES = {'mnist': dict(net=mnist_classifier, channels=1, epochs=4, weight_decay=1e-4, smoothing=0.0, augment=False,
                          autocast=False),
            'cifar10': dict(net=cifar_classifier, channels=3, epochs=15, weight_decay=5e-2, smoothing=0.1, augment=True,

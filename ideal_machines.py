@@ -1,12 +1,12 @@
 """
-The "ideal score machines" of Kamb & Ganguli (arXiv:2412.20292) beside a trained flow network (equations and
-conventions: ideal_machines.md). Each machine estimates x0_hat from the training set alone, hence v = (x_t - x0_hat) / t,
+The "ideal score machines" of Kamb & Ganguli (arXiv:2412.20292) beside a trained flow network (equations:
+docs/ideal_machines.md). Each machine estimates x0_hat from the training set alone, hence v = (x_t - x0_hat) / t,
 integrated with the network's solver and grid; weights ∝ exp(-||q - (1 - t) k||^2 / (2 t^2)) average k's centre pixel.
   IS     q = the whole image (it can only return a training image);  LS  q = the P x P patch (zero padding), k = the
   patch at the same place;  ELS  q circular, k = every patch fully inside an image (circular networks);  bbELS  zero
   padding, interior patches against all interior ones, border patches only against the same borders at the same depths.
 
-    python ideal_machines.py --data_dir=../shared/data --ckpt=out/flow_unet/ckpt.pt   # calibrate P(t), then compare
+    python ideal_machines.py --data_dir=DIR --ckpt=out/flow_unet/ckpt.pt              # calibrate P(t), then compare
     python ideal_machines.py --patch_schedule=out/ideal/patch_schedule.json            # reuse a calibration
 
 P(t) is calibrated per machine as the paper does (cosine of eps_hat with the network's eps along its own sampler).
@@ -37,7 +37,7 @@ def softmax_update(m, acc, logits, V1t):
     acc.mul_(torch.exp2(m - m_new).unsqueeze(1))
     m.copy_(m_new)
     e = logits.sub_(m_new.unsqueeze(-1)).exp2_()
-    acc.baddbmm_(V1t, e.transpose(1, 2))  # [1 + D, M] @ [M, Q]: ~10x faster on a CPU than e @ V1 ([Q, M] @ [M, 1 + D])
+    acc.baddbmm_(V1t, e.transpose(1, 2))  # [1 + D, M] @ [M, Q]: on a CPU much faster than e @ V1 ([Q, M] @ [M, 1 + D])
 
 
 def box(x, P):
@@ -108,7 +108,7 @@ ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_li
 def stream(Q, K, V1t, m, acc):
     """The online softmax (m [Q], acc [1 + D, Q]) over candidates K [M, J + 1] (values V1t [1 + D, M]) for queries
     Q [Q, J + 1], in logits blocks of at most QTILE x (BLOCK / QTILE): a well-shaped matmul that stays in the cache.
-    On a CPU the matmul is oneDNN's (about 2x MKL's fp32 speed where MKL does not use AVX-512, as on AMD CPUs)."""
+    On a CPU the matmul is oneDNN's (faster than MKL's fp32 where MKL does not use AVX-512, as on AMD CPUs)."""
     cpu = ONEDNN and Q.device.type == 'cpu'
     qt = min(len(Q), QTILE)
     mt = max(1, BLOCK // qt)

@@ -76,7 +76,7 @@ def rope_grid(h, w, head_dim):
 
 def apply_rope(x, angles, scale=1.0):
     """Rotate consecutive pairs (x[2i], x[2i+1]) of the last dim of x [..., L, head_dim] by angles [L, head_dim/2] and
-    multiply by scale: (x[2i] + i x[2i+1]) scale e^(i angle), one complex product in fp32 (5x four real ones on a CPU)."""
+    multiply by scale: (x[2i] + i x[2i+1]) scale e^(i angle), one complex product in fp32 (faster than four real)."""
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
     return torch.view_as_real(xc * torch.polar(torch.full_like(angles, scale), angles)).flatten(-2).to(x.dtype)
 
@@ -88,7 +88,7 @@ def modulate(x, shift, scale):
     return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
 
 class RMSNormRoPE(nn.Module):
-    """q or k [B, heads, L, d] -> RoPE(x / rms(x) * weight) * scale, in fp32 (a bf16 x / rms over rows of 16 is 14x slower
+    """q or k [B, heads, L, d] -> RoPE(x / rms(x) * weight) * scale, in fp32 (a bf16 x / rms over rows of 16 is slow
     on a CPU), returned in x's dtype; with norm=False only the rotation."""
     def __init__(self, dim, norm=True):
         super().__init__()
@@ -102,7 +102,7 @@ class RMSNormRoPE(nn.Module):
 
 class NormRoPEFunction(torch.autograd.Function):
     """RMSNormRoPE with its backward by hand, in chunks of images whose fp32 copies stay in the cache: 10 passes over x
-    where autograd makes 20, 1.6x faster at [128, 4, 256, 16] on a CPU. rot = scale e^(i angles) [L, d/2]."""
+    where autograd makes 20. rot = scale e^(i angles) [L, d/2]."""
     @staticmethod
     def forward(ctx, x, w, rot, eps, n):
         f32 = torch.promote_types(x.dtype, torch.float32)
@@ -130,9 +130,9 @@ class NormRoPEFunction(torch.autograd.Function):
         return dx, dw, None, None, None
 
 def use_sdpa(attention, device_type, dtype):
-    """attention = sdpa | math | auto. auto, as measured on a 2-core CPU (README): SDPA on CUDA and in fp32 (there the
-    two forms train within +-7 % of each other, SDPA samples faster), the explicit form in cache-sized chunks for bf16
-    on a CPU (1.8x SDPA's training speed)."""
+    """attention = sdpa | math | auto. auto, as measured on a 2-core CPU (docs/performance.md): SDPA on CUDA and in fp32
+    (there the two forms train about equally fast, SDPA samples faster), the explicit form in cache-sized chunks for
+    bf16 on a CPU (faster than SDPA's CPU kernel there)."""
     return attention == 'sdpa' or (attention == 'auto' and (device_type == 'cuda' or dtype == 'float32'))
 
 class Attention(nn.Module):
@@ -147,7 +147,7 @@ class Attention(nn.Module):
         return self.layer(x, angles) if self.sdpa else self.eager_layer(x, angles)
 
     @torch.compiler.disable  # eager under torch.compile: compiled, the explicit form's qkv copies and hand-written
-    def eager_layer(self, x, angles):  # backwards were slower (whole step -6 % against compiling the rest only)
+    def eager_layer(self, x, angles):  # backwards were slower than compiling only the rest
         return self.layer(x, angles)
 
     def layer(self, x, angles):
@@ -175,7 +175,7 @@ class ExplicitAttention(torch.autograd.Function):
     [B, L, heads, d], n images at a time. Forward: e = 2^(q k^T) (minus the row max if sub_max), then e [v, 1] =
     [e v, sum(e)]: one pass over e where softmax takes two. Backward by hand, with p = e / sum(e) and D = sum_j p dp
     = do . y per row: ds = ln2 p (dp - D) = e * ([do', -D'] [v, 1]^T), do' = do ln2 / sum(e), D' = D ln2 / sum(e).
-    The row-wise divisions run in fp32 (in bf16, broadcast along rows of d, they are 7x slower on a CPU)."""
+    The row-wise divisions run in fp32 (in bf16, broadcast along rows of d, they are much slower on a CPU)."""
     @staticmethod
     def forward(ctx, q, k, v, n, sub_max):
         d, f32 = v.shape[-1], torch.promote_types(v.dtype, torch.float32)
@@ -547,7 +547,7 @@ def setup_distributed(device, batch_size):
 
 def teardown_distributed():
     """Free what holds the process group (DDP's hooks, once the script has deleted the model), wait for every process,
-    then destroy it: a gloo group freed at exit, or while a peer uses it, aborted about 1 finished run in 6 here."""
+    then destroy it: a gloo group freed at exit, or while a peer uses it, aborted now and then."""
     gc.collect()
     dist.barrier()
     dist.destroy_process_group()
@@ -555,7 +555,7 @@ def teardown_distributed():
 def setup_precision(device, dtype, log=print):
     """TF32 on a GPU; (autocast context, dtype): bf16 on a CPU or a GPU with native bf16, else fp32 with one note.
     On a CPU also keep freed memory for reuse: glibc hands a freed block of a few MB back to the system, and the next
-    tensor of that size faults its pages in again (a bf16 silu(a) * b on 6M values: 7.6 ms, 1.6 ms with this)."""
+    tensor of that size faults its pages in again."""
     if device == 'cpu' and sys.platform.startswith('linux'):
         import ctypes
         try:

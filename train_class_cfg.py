@@ -6,7 +6,7 @@ Class-conditioned flow-matching UNet trained for classifier-free guidance (CFG):
 the null class with probability p_uncond, so one network gives both v(x_t, t, y) and v(x_t, t); sampling
 uses v = v_uncond + cfg (v_cond - v_uncond).
 
-    python train_class_cfg.py --data_dir=../shared/data           # MNIST at 32x32, 10 epochs
+    python train_class_cfg.py                                      # MNIST at 32x32, 10 epochs
     torchrun --nproc_per_node=2 train_class_cfg.py --dataset=fashion_mnist
 
 Writes under out_dir: ckpt.pt, log.jsonl, loss.png, samples_epochNN.png after each epoch in sample_epochs
@@ -58,7 +58,7 @@ sample_cfg = 5.0  # guidance of the sample grids
 # model
 base_channels = 32
 channel_mult = (1, 2, 2)
-n_res = 2  # ResBlocks per level (1 halves the cost: what the CPU runs in the README use)
+n_res = 2  # ResBlocks per level (1 halves the cost: what the CPU runs in docs/results.md use)
 # system
 device = 'auto'
 dtype = 'bfloat16'

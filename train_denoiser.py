@@ -2,8 +2,8 @@
 One-step denoising UNet, part 1 of the course: learn D(z) ~ x from z = x + sigma * eps at one sigma,
 then ask it about noise levels it never saw, and about pure noise.
 
-    python train_denoiser.py --data_dir=../shared/data                    # sigma = 0.5, 5 epochs
-    python train_denoiser.py --data_dir=../shared/data --mode=pure_noise  # z = eps: noise -> digit in one step
+    python train_denoiser.py                                             # sigma = 0.5, 5 epochs
+    python train_denoiser.py --mode=pure_noise                           # z = eps: noise -> digit in one step
 
 Writes under out_dir: noise_grid.png (test digits at every sigma), log.jsonl, loss.png, ckpt.pt, and
   mode=denoise:    denoise_epochNN.png (clean / noisy / denoised test digits), ood_sweep.png (the trained
@@ -56,7 +56,7 @@ seed = 1337
 # model
 base_channels = 32
 channel_mult = (1, 2, 2)
-n_res = 2  # ResBlocks per level (1 halves the cost: what the CPU runs in the README use)
+n_res = 2  # ResBlocks per level (1 halves the cost: what the CPU runs in docs/results.md use)
 # system
 device = 'auto'
 dtype = 'bfloat16'

@@ -2,7 +2,7 @@
 DiT-LLaMA rectified flow on MNIST, Fashion-MNIST, CIFAR-10 or a folder of images.
 
     python train_dit.py --dataset=mnist                         # one process (CPU or one GPU)
-    python train_dit.py config/dit_cifar10.py --compile=False  # eager: no compile at start (~25 s on a CPU)
+    python train_dit.py config/dit_cifar10.py --compile=False  # eager: no compile at start
     torchrun --nproc_per_node=4 train_dit.py --dataset=cifar10  # DDP: NCCL on GPUs, gloo on CPU
 
 Writes under out_dir: ckpt.pt, log.jsonl, loss.png, loss_vs_t.png, samples_<iter>.png, samples.png.

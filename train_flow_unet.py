@@ -1,7 +1,7 @@
 """
 Time-conditioned flow-matching UNet: learn v(x_t, t) = eps - x0 with t ~ U(0, 1), sample with Euler.
 
-    python train_flow_unet.py --data_dir=../shared/data           # MNIST at 32x32, 10 epochs
+    python train_flow_unet.py                                      # MNIST at 32x32, 10 epochs
     torchrun --nproc_per_node=2 train_flow_unet.py --dataset=fashion_mnist
     python train_flow_unet.py --attn_levels="()" --norm=False     # convolution only (the ideal machines' setting)
     python train_flow_unet.py --arch=resnet --padding_mode=circular  # 8 full-resolution 3x3 convolutions, no norm
@@ -54,7 +54,7 @@ sample_steps = 50
 arch = 'unet'  # unet | resnet (convolution only, full resolution: the ideal machines' network)
 base_channels = 32  # unet
 channel_mult = (1, 2, 2)
-n_res = 2  # ResBlocks per level (1 halves the cost: what the CPU runs in the README use)
+n_res = 2  # ResBlocks per level (1 halves the cost: what the CPU runs in docs/results.md use)
 attn_levels = (2,)  # levels with self-attention (0 = full resolution; () = none, and none in the middle either)
 norm = True  # GroupNorm in every ResBlock (False + attn_levels=() = convolution only)
 width = 64  # resnet: channels

@@ -1,8 +1,8 @@
-# DiT-LLaMA on CIFAR-10 for a 2-core CPU, about 70 minutes of training here: python train_dit.py config/dit_cifar10_cpu.py
+# DiT-LLaMA on CIFAR-10 for a 2-core CPU: python train_dit.py config/dit_cifar10_cpu.py
 # The JPEG stand-in (a folder of class folders) instead of the pickles: add --dataset=folder --data_dir=DIR/train
-# --judge=cifar10 --judge_data_dir=DIR. Chosen by a 5-minute probe of three sizes (README, "CIFAR-10 on this CPU"):
-# patches of 4 (64 tokens), dim 192, 8 layers reached the lowest loss per minute; 10,000 iterations = 26 epochs
-# (--max_iters=17000 for about two hours).
+# --judge=cifar10 --judge_data_dir=DIR. Chosen by a 5-minute probe of three sizes (docs/results.md, "CIFAR-10 on a
+# CPU"): patches of 4 (64 tokens), dim 192, 8 layers reached the lowest loss per minute; 10,000 iterations = 26
+# epochs (--max_iters=N for longer: the cosine stretches with it).
 out_dir = 'out/dit_cifar10_cpu'
 dataset = 'cifar10'
 batch_size = 128

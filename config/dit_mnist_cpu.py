@@ -1,6 +1,6 @@
 # DiT-LLaMA on MNIST for a laptop CPU: python train_dit.py config/dit_mnist_cpu.py --data_dir=DIR
-# Chosen by time-to-quality on a 2-core CPU (README, "Digits in minutes on a CPU"): 49 tokens (patch 4 on 28x28)
-# instead of 196, a thin conv stem, batch 64 at a high learning rate, and a short EMA. About 9 minutes of training here;
+# Chosen by time-to-quality on a 2-core CPU (docs/results.md, "The MNIST recipe on a CPU"): 49 tokens (patch 4 on 28x28)
+# instead of 196, a thin conv stem, batch 64 at a high learning rate, and a short EMA;
 # --max_iters=N (with the cosine schedule over N) trains longer.
 out_dir = 'out/dit_mnist_cpu'
 dataset = 'mnist'

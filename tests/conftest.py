@@ -80,7 +80,7 @@ def write_cifar10(data_dir, n_per_batch=40, images=fake_images):
 
 def run(script, *args, env=None, check=True, torchrun=0):
     """Run a script from the repo root in a fresh process; returns the CompletedProcess. train_dit.py runs eager unless
-    the test passes --compile (its default compiles, about 25 s per process here; test_train_dit checks that path)."""
+    the test passes --compile (its default compiles, slow to start; test_train_dit checks that path)."""
     if script == 'train_dit.py' and not any(a.startswith('--compile') for a in args):
         args = (*args, '--compile=False')
     cmd = [sys.executable, os.path.join(ROOT, script), *args]

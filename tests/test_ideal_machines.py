@@ -14,7 +14,7 @@ from model import load_dataset, load_flow_model, resize, sample, to_model_range
 
 
 def by_definition(machine, xt, t, train, P):
-    """The four machines from ideal_machines.md, one query pixel at a time: list the (image, location) pairs the
+    """The four machines from docs/ideal_machines.md, one query pixel at a time: list the (image, location) pairs the
     definition allows as candidates, then one softmax of -||q - (1-t) k||^2 / (2 t^2) over them; the value is the
     centre pixel of k. Training patches are read pixel by pixel, zero outside the image; the query too, except for ELS
     (circular: indices wrap around). bbELS's edge class of a location is written here as the set of its patch's pixels

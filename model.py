@@ -570,6 +570,10 @@ def setup_precision(device, dtype, log=print):
         if dtype == 'bfloat16' and not torch.cuda.is_bf16_supported(including_emulation=False):
             log('note: this GPU has no native bf16, so this run uses float32')
             dtype = 'float32'
+    elif dtype == 'bfloat16' and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        # without AVX-512 (or AMX) oneDNN has no bf16 matmul and PyTorch falls back to a scalar loop, far slower than fp32
+        log('note: this CPU has no bf16 matrix unit (AVX-512 or AMX), so this run uses float32')
+        dtype = 'float32'
     ctx = nullcontext() if dtype == 'float32' else torch.autocast(device.split(':')[0], dtype=torch.bfloat16)
     return ctx, dtype
 

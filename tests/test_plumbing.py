@@ -107,3 +107,16 @@ print(before - rss())'''
     p = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     freed_mb = float(p.stdout.split()[-1])
     assert (freed_mb < 2) if keeps else (freed_mb > 10)
+
+
+@pytest.mark.parametrize('native', [True, False])
+def test_bf16_only_on_a_cpu_with_a_bf16_matrix_unit(monkeypatch, native):
+    """Without AVX-512 or AMX PyTorch's bf16 matmul is a scalar loop: setup_precision then trains in fp32, with a note."""
+    from model import setup_precision
+    monkeypatch.setattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', lambda: native)
+    notes = []
+    ctx, dtype = setup_precision('cpu', 'bfloat16', notes.append)
+    assert dtype == ('bfloat16' if native else 'float32') and len(notes) == (0 if native else 1)
+    with ctx:
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == (torch.bfloat16 if native else torch.float32)
+    assert setup_precision('cpu', 'float32', notes.append)[1] == 'float32' and len(notes) == (0 if native else 1)

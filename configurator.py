@@ -11,6 +11,10 @@ A positional argument is a config file, run in a namespace holding the current s
 only. --key=value overrides a setting, the value parsed as a Python literal when it is one (else kept as a string);
 a bare --flag sets a boolean to True. A value must have its default's type (an int is taken for a float; a default
 of None means "not set" and takes any value) and lie in its domain. Each error is one line on stderr, exit code 2.
+
+A script may define preset_file(), called once the command line is read: the config file it names (or '') is applied
+under what the user set, so the order of precedence is the script's defaults, the preset, config files, --key=value.
+--help prints the settings then in effect.
 """
 import ast as _ast
 import builtins as _builtins
@@ -74,7 +78,7 @@ def _in_domain(value, rule):
 
 
 def _print_help():
-    """The script's docstring, then its config block as --key=default  domain  comment, under the block's own heading
+    """The script's docstring, then its config block as --key=value (in effect)  domain  comment, under its own heading
     comments; the block is read from the source, from a '# ---' line or a blank one to config_domains / config_keys /
     the exec of this file."""
     path = globals().get('__file__') or _sys.argv[0]
@@ -92,15 +96,18 @@ def _print_help():
             comment = [t.string[1:].strip() for t in _tokenize.generate_tokens(iter([line.strip() + '\n']).__next__)
                        if t.type == _tokenize.COMMENT]
             rule = globals().get('config_domains', {}).get(key)
-            default = _config_defaults[key]
-            domain = ('each in ' if isinstance(default, (tuple, list)) else '') + _domain_text(rule, short=True) if rule else ''
-            rows.append((f'--{key}={_show(default)}', domain, comment[0] if comment else ''))
+            value = globals()[key]
+            domain = ('each in ' if isinstance(value, (tuple, list)) else '') + _domain_text(rule, short=True) if rule else ''
+            rows.append((f'--{key}={_show(value)}', domain, comment[0] if comment else ''))
         elif line.strip().startswith('#'):
             rows.append((line.strip(),))
     w, dw = (min(30, max([len(r[i]) for r in rows if len(r) > 1] + [0])) for i in (0, 1))
     print((_ast.get_docstring(_ast.parse('\n'.join(lines))) or '').strip() + '\n')  # (exec'ing this file set __doc__)
     print(f'settings: python {_os.path.basename(path)} [config_file.py ...] [--key=value ...]; a bare --flag sets a '
           f'boolean to True; [lo, hi] is the domain of a number')
+    given = [a for a in _sys.argv[1:] if a not in ('--help', '-h')]
+    print(f'values in effect with {" ".join(given) or "no arguments"}'
+          + (f' (preset {_os.path.relpath(config_preset)}, under the config files and --key=value)' if config_preset else ''))
     for r in rows:
         print(r[0] if len(r) == 1 else f'  {r[0]:<{w}}  {r[1]:<{dw}}  {r[2]}'.rstrip())
 
@@ -124,8 +131,9 @@ def _config_set(key, new, where=''):
     globals()[key] = new
 
 
-def _config_file(path):
-    """Run a config file in a namespace seeded with the current settings, then take what it assigned."""
+def _config_file(path, keep=()):
+    """Run a config file in a namespace seeded with the current settings, then take what it assigned, except the keys
+    in keep. The keys it assigns count as set by the user."""
     if not _os.path.isfile(path):
         _config_error(f'config file {path!r} not found (presets are in config/, overrides are written --key=value)')
     ns = {k: globals()[k] for k in _config_keys}
@@ -137,19 +145,21 @@ def _config_file(path):
         msg = (e.msg if isinstance(e, SyntaxError) else str(e)).strip().split('\n')[0]
         _config_error(f'{path}{f" line {line}" if line else ""}: {type(e).__name__}: {msg}')
     for key, value in ns.items():
-        if not key.startswith('_') and not isinstance(value, _types.ModuleType):
+        if not key.startswith('_') and not isinstance(value, _types.ModuleType) and key not in keep:
             _config_set(key, value, where=f'{path}: ')
+    return {t.id for node in _ast.parse(open(path).read()).body if isinstance(node, (_ast.Assign, _ast.AnnAssign))
+            for t in (node.targets if isinstance(node, _ast.Assign) else [node.target]) if isinstance(t, _ast.Name)}
 
 
 _config_keys = globals()['config_keys'] if 'config_keys' in globals() else \
     [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str, tuple, list, type(None)))]
 _config_defaults = {k: globals()[k] for k in _config_keys}
-if '--help' in _sys.argv[1:] or '-h' in _sys.argv[1:]:
-    _print_help()
-    _sys.exit(0)
+config_given = set()  # the keys a config file or --key=value set
 for _arg in _sys.argv[1:]:
+    if _arg in ('--help', '-h'):
+        continue
     if not _arg.startswith('--'):
-        _config_file(_arg)
+        config_given |= _config_file(_arg)
         continue
     if '=' not in _arg and isinstance(globals().get(_arg[2:]), bool):
         _arg += '=True'  # a bare --flag switches a boolean on
@@ -161,6 +171,13 @@ for _arg in _sys.argv[1:]:
     except (SyntaxError, ValueError):
         _new = _val  # a bare string such as --dataset=mnist
     _config_set(_key, _new)
+    config_given.add(_key)
+config_preset = globals()['preset_file']() if 'preset_file' in globals() else ''
+if config_preset:  # under what the user set
+    _config_file(config_preset, keep=config_given)
+if '--help' in _sys.argv[1:] or '-h' in _sys.argv[1:]:
+    _print_help()
+    _sys.exit(0)
 for _key, _rule in globals().get('config_domains', {}).items():  # the domains, once every setting is in
     _val = globals()[_key]
     if not (_val is None and _config_defaults[_key] is None) and not _in_domain(_val, _rule):

@@ -2,7 +2,7 @@
 Sample any flow checkpoint of this project (DiT-LLaMA, flow UNet, class-conditional UNet), rebuilt from
 its model_args alone, with the EMA weights.
 
-    python sample.py --out_dir=out/dit_mnist --steps=50 --cfg=2.0 --gif   # grid + trajectory GIF
+    python sample.py --steps=50 --cfg=2.0 --gif      # grid + trajectory GIF of python train_dit.py --dataset=mnist
     python sample.py --out_dir=out/dit_mnist --sweep=steps                # 1, 5, 10, 50 steps, one figure
     python sample.py --out_dir=out/dit_mnist --sweep=cfg                  # cfg 0, 1, 2, 10
     python sample.py --out_dir=out/dit_mnist --num_samples=10000 --save_npz=out/dit_mnist/samples.npz

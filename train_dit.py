@@ -2,18 +2,23 @@
 DiT-LLaMA rectified flow on MNIST, Fashion-MNIST, CIFAR-10 or a folder of images.
 
     python train_dit.py --dataset=mnist                         # one process (CPU or one GPU)
-    python train_dit.py config/dit_cifar10.py --compile=False  # eager: no compile at start
     torchrun --nproc_per_node=4 train_dit.py --dataset=cifar10  # DDP: NCCL on GPUs, gloo on CPU
+    python train_dit.py --dataset=mnist --preset=gpu --compile=False   # the GPU recipe, eager
+
+Each dataset has a preset for a GPU and one for a CPU (config/dit_<dataset>.py, config/dit_<dataset>_cpu.py), chosen
+by the device unless --preset says which; config files and --key=value go over it (--help shows what is in effect).
 
 Writes under out_dir: ckpt.pt, log.jsonl, loss.png, loss_vs_t.png, samples_<iter>.png, samples.png.
 """
 import copy
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -25,9 +30,9 @@ from model import (Batches, DATASETS, DiT_Llama, Progress, RectifiedFlow, check_
                    use_sdpa)
 
 # -----------------------------------------------------------------------------
-# default config: MNIST; config/dit_cifar10.py holds the CIFAR-10 preset
+# default config: the GPU recipe for MNIST (config/dit_mnist.py); the dataset's preset goes over these
 # I/O
-out_dir = 'out/dit_mnist'
+out_dir = ''  # '' = out/dit_<dataset>
 data_dir = 'data'
 dataset = 'mnist'  # mnist | fashion_mnist | cifar10 | folder (data_dir/<class>/<image>)
 image_size = 0  # resize every image to image_size x image_size (0: as stored; a folder: 32)
@@ -73,6 +78,7 @@ device = 'auto'  # auto | cpu | cuda
 dtype = 'bfloat16'  # bfloat16 (autocast) | float32
 compile = True  # torch.compile the training step (on a CPU it needs a C++ compiler; without one the run is eager)
 attention = 'auto'  # sdpa | math (explicit softmax) | auto: math for bf16 on a CPU, else sdpa (bench.py)
+preset = 'auto'  # the dataset's recipe under config files and --key=value: auto (by the device) | gpu | cpu | none
 config_domains = dict(  # each number's domain: a kind of configurator.py (count >= 1, count0 >= 0, ...) or a range
     image_size=(0, 4096), log_interval='count', sample_interval='count0', ckpt_interval='count', eval_interval='count0',
     eval_samples='count',  # I/O
@@ -83,7 +89,19 @@ config_domains = dict(  # each number's domain: a kind of configurator.py (count
     dim='size', n_layers='size', n_heads='size', patch_size='size', stem_channels='size')  # model
 config_keys = [k for k, v in globals().items()  # the settings configurator.py may change, as nanoGPT declares them
                if not k.startswith('_') and k.islower() and isinstance(v, (bool, int, float, str, tuple, list, type(None)))]
+PRESETS = {'mnist': 'dit_mnist', 'fashion_mnist': 'dit_mnist', 'cifar10': 'dit_cifar10'}  # config/<name>[_cpu].py
+
+
+def preset_file():
+    """The preset configurator.py applies: the GPU or CPU recipe of the dataset, as `preset` says or by the device."""
+    if preset not in ('auto', 'gpu', 'cpu') or dataset not in PRESETS:
+        return ''
+    gpu = preset == 'gpu' or preset == 'auto' and device != 'cpu' and (device == 'cuda' or torch.cuda.is_available())
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config', PRESETS[dataset] + ('' if gpu else '_cpu') + '.py')
+
+
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+out_dir = out_dir or f'out/dit_{dataset}'
 config = {k: globals()[k] for k in config_keys}
 # -----------------------------------------------------------------------------
 
@@ -93,7 +111,7 @@ check_choices(dataset=(dataset, DATASETS), dtype=(dtype, ('bfloat16', 'float32')
               device=(device, ('auto', 'cpu', 'cuda')), init_from=(init_from, ('scratch', 'resume')),
               attention=(attention, ('auto', 'sdpa', 'math')),
               t_sampling=(t_sampling, ('logit_normal', 'uniform', 'mode')),
-              judge=(judge, ('', *JUDGES)))
+              judge=(judge, ('', *JUDGES)), preset=(preset, ('auto', 'gpu', 'cpu', 'none')))
 if eval_interval and (judge or dataset) not in JUDGES:
     die(f'--eval_interval judges samples with evaluate.py\'s classifiers (mnist, fashion_mnist, cifar10); for a folder '
         f'of images name one, e.g. --judge=cifar10 --judge_data_dir=DIR, or drop --eval_interval')
@@ -104,15 +122,17 @@ ddp, rank, local_rank, world_size, device = setup_distributed(device, batch_size
 master = rank == 0
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 log = print if master else (lambda *a, **k: None)
+if config_preset:  # the first line: which recipe, why, and how to choose another
+    cpu_recipe = config_preset.endswith('_cpu.py')
+    why = f'--preset={preset}' if preset != 'auto' else 'no GPU found' if cpu_recipe else 'a GPU found'
+    log(f'preset: config/{os.path.basename(config_preset)} ({why}; --preset={"gpu" if cpu_recipe else "cpu"} for the '
+        f'{"GPU" if cpu_recipe else "CPU"} recipe, --preset=none for the defaults; config files and --key=value go over it)')
 ctx, dtype = setup_precision(device, dtype, log)  # TF32 on GPUs; bf16 autocast where the device has it
 cxx = os.environ.get('CXX') or ('clang++' if sys.platform == 'darwin' else 'g++')  # the compiler inductor calls
 if compile and device_type == 'cpu' and not shutil.which(cxx):
     log(f'note: torch.compile on a CPU needs a C++ compiler and {cxx} is not on PATH: this run is eager (--compile=False)')
     compile = False
 torch.manual_seed(seed + rank)
-if device_type == 'cpu' and (dim, n_layers, patch_size) == (128, 6, 2):
-    log('note: no GPU, and this is the GPU-sized model: on a CPU, python train_dit.py config/dit_mnist_cpu.py '
-        'draws digits in about 10 minutes')
 
 # data: the whole set as uint8 on the device; each process reads its DistributedSampler share
 x_all, y_all = load_training_set(dataset, data_dir, image_size, download, ddp, local_rank, device)
@@ -149,6 +169,9 @@ if ckpt is not None:
     set_rng_states(ckpt['rng'], rank, world_size, seed + rank + iter_num)
     del ckpt
 n_params = sum(p.numel() for p in model.parameters())
+if compile:  # two messages a user cannot act on: inductor looking for CUDA on a CPU, and complex RoPE left to eager
+    logging.getLogger('torch.utils.cpp_extension').setLevel(logging.ERROR)
+    warnings.filterwarnings('ignore', message='Torchinductor does not support code generation for complex')
 train_model = torch.compile(model) if compile else model
 if ddp:
     train_model = DDP(train_model, device_ids=[local_rank] if device_type == 'cuda' else None, forward_sync_buffers=False)

@@ -80,9 +80,12 @@ def write_cifar10(data_dir, n_per_batch=40, images=fake_images):
 
 def run(script, *args, env=None, check=True, torchrun=0):
     """Run a script from the repo root in a fresh process; returns the CompletedProcess. train_dit.py runs eager unless
-    the test passes --compile (its default compiles, slow to start; test_train_dit checks that path)."""
+    the test passes --compile (its default compiles, slow to start; test_train_dit checks that path), and without the
+    dataset's preset unless the test passes --preset."""
     if script == 'train_dit.py' and not any(a.startswith('--compile') for a in args):
         args = (*args, '--compile=False')
+    if script == 'train_dit.py' and not any(a.startswith('--preset') for a in args):
+        args = (*args, '--preset=none')  # the script's own defaults under the tests' settings (test_presets: the presets)
     cmd = [sys.executable, os.path.join(ROOT, script), *args]
     if torchrun:
         cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={torchrun}',

@@ -36,10 +36,12 @@ def config_block(script):
     end = next(i for i, line in enumerate(lines) if 'configurator.py' in line and 'exec(' in line)
     start = max(i for i in range(end) if lines[i].strip().startswith('# ---'))
     out = []
-    for node in ast.walk(ast.parse('\n'.join(lines))):
+    tree = ast.parse('\n'.join(lines))
+    local = {id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) for n in ast.walk(f)}
+    for node in (n for n in ast.walk(tree) if id(n) not in local):  # settings: not a function's locals, nor CONSTANTS
         if isinstance(node, ast.Assign) and start < node.lineno - 1 < end and isinstance(node.targets[0], ast.Name):
             name = node.targets[0].id
-            if name in ('config_domains', 'config_keys'):
+            if name in ('config_domains', 'config_keys') or not name.islower():
                 continue
             out.append((name, ast.literal_eval(node.value), lines[node.lineno - 1]))
     return sorted(out, key=lambda r: lines.index(r[2]))
@@ -134,7 +136,7 @@ def test_defaults_and_legal_zeros_pass_the_checks(script, dirs, capsys, monkeypa
 @pytest.mark.parametrize('script', SCRIPTS)
 def test_help_lists_every_setting_with_its_default_and_comment(script, capsys, monkeypatch):
     for flag in ('--help', '-h'):
-        code, out, err = run_here(script, [flag, '--batch_size=-4'], capsys, monkeypatch)
+        code, out, err = run_here(script, [flag], capsys, monkeypatch)
         assert code == 0 and err == ''
         lines = out.splitlines()
         block = config_block(script)
@@ -156,7 +158,7 @@ def test_help_lists_every_setting_with_its_default_and_comment(script, capsys, m
 
 
 def test_help_of_train_dit_reads_as_documented(capsys, monkeypatch):
-    code, out, _ = run_here('train_dit.py', ['--help'], capsys, monkeypatch)
+    code, out, _ = run_here('train_dit.py', ['--preset=none', '--help'], capsys, monkeypatch)  # the defaults
     assert code == 0 and out.startswith('DiT-LLaMA rectified flow on MNIST')
     lines = out.splitlines()
     i = lines.index('# training')

@@ -144,10 +144,10 @@ def test_declared_config_keys_none_defaults_and_domains(script2, tmp_path):
 
 def test_help(script2):
     for flag in ('--help', '-h'):
-        p = call(script2, '--batch_size=-1', flag)
+        p = call(script2, '--batch_size=32', flag)  # the values in effect
         assert p.returncode == 0 and p.stderr == ''
         lines = p.stdout.splitlines()
         assert [line.split() for line in lines if line.startswith('  --')] == [
-            ['--batch_size=64', '[1,', '10000000]', 'images', 'per', 'step'],
+            ['--batch_size=32', '[1,', '10000000]', 'images', 'per', 'step'],
             ['--cfg=None', '[0,', '100]', 'guidance;', 'None:', 'not', 'set'],
             ['--channel_mult=(1,2)', 'each', 'in', '[1,', '4096]']]

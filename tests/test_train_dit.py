@@ -142,6 +142,7 @@ def test_compiled_default_trains_as_eager_and_falls_back_without_a_compiler(mnis
     pa = run('train_dit.py', f'--out_dir={a}', *common)
     pb = run('train_dit.py', f'--out_dir={b}', *common, env=dict(CXX=str(tmp_path / 'no-such-compiler')))
     assert 'needs a C++ compiler' not in pa.stdout and 'needs a C++ compiler' in pb.stdout
+    assert 'CUDA' not in pa.stdout + pa.stderr  # inductor's 'No CUDA runtime is found' means nothing on a CPU
     ca, cb = load_checkpoint(os.path.join(a, 'ckpt.pt')), load_checkpoint(os.path.join(b, 'ckpt.pt'))
     model = DiT_Llama(**ca['model_args'])
     model.load_state_dict(ca['model'])  # strict: no '_orig_mod.' prefixes from torch.compile
@@ -277,3 +278,28 @@ def test_in_training_evaluation_judges_a_planted_checkpoint(mnist_dir, tmp_path,
     assert [r['iter'] for r in rows] == [1001] and rows[0]['samples'] == 100
     assert 1.0 <= rows[0]['minutes'] < 1.5  # the checkpoint's 60 s of training carry over
     assert expect(rows[0]['acc']), rows[0]
+
+
+def test_the_design_cards_commands_as_typed(tmp_path):
+    """`python train_dit.py --dataset=mnist`, then `python sample.py --steps=50 --cfg=2.0 --gif`, from a folder whose
+    data/ holds MNIST: the first trains the device's preset (here the CPU's) into out/dit_mnist, and its first line
+    says so; the second samples that model with no --out_dir. Only the length of training (and compile) is cut."""
+    import subprocess
+    import sys
+    from conftest import ROOT, write_mnist
+    write_mnist(str(tmp_path / 'data'))
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': ''}
+    train = subprocess.run([sys.executable, os.path.join(ROOT, 'train_dit.py'), '--dataset=mnist', '--max_iters=3',
+                            '--compile=False'], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert train.returncode == 0, train.stderr
+    assert train.stdout.startswith('preset: config/dit_mnist_cpu.py (no GPU found; --preset=gpu')
+    ckpt = load_checkpoint(str(tmp_path / 'out' / 'dit_mnist' / 'ckpt.pt'))
+    assert (ckpt['model_args']['patch_size'], ckpt['model_args']['stem_channels']) == (4, 16)  # the CPU preset's net
+    assert ckpt['config']['max_iters'] == 3 and ckpt['config']['batch_size'] == 64
+    assert 'Warning' not in train.stderr and 'CUDA' not in train.stdout + train.stderr
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'sample.py'), '--steps=50', '--cfg=2.0', '--gif'],
+                       cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    out = tmp_path / 'out' / 'dit_mnist'
+    assert Image.open(out / 'samples_euler50_cfg2.png').size == grid_size(10, 8, 28)
+    assert Image.open(out / 'trajectory.gif').n_frames > 1

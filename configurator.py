@@ -11,6 +11,7 @@ A positional argument is a config file, run in a namespace holding the current s
 only. --key=value overrides a setting, the value parsed as a Python literal when it is one (else kept as a string);
 a bare --flag sets a boolean to True. A value must have its default's type (an int is taken for a float; a default
 of None means "not set" and takes any value) and lie in its domain. Each error is one line on stderr, exit code 2.
+`config_given` names the settings the user gave (assigned in a config file or --key=value), even at their default value.
 """
 import ast as _ast
 import builtins as _builtins
@@ -139,11 +140,14 @@ def _config_file(path):
     for key, value in ns.items():
         if not key.startswith('_') and not isinstance(value, _types.ModuleType):
             _config_set(key, value, where=f'{path}: ')
+    config_given.update(n.id for n in _ast.walk(_ast.parse(open(path).read())) if isinstance(n, _ast.Name)
+                        and isinstance(n.ctx, _ast.Store) and n.id in _config_keys)  # what the file assigns
 
 
 _config_keys = globals()['config_keys'] if 'config_keys' in globals() else \
     [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str, tuple, list, type(None)))]
 _config_defaults = {k: globals()[k] for k in _config_keys}
+config_given = set()
 if '--help' in _sys.argv[1:] or '-h' in _sys.argv[1:]:
     _print_help()
     _sys.exit(0)
@@ -161,6 +165,7 @@ for _arg in _sys.argv[1:]:
     except (SyntaxError, ValueError):
         _new = _val  # a bare string such as --dataset=mnist
     _config_set(_key, _new)
+    config_given.add(_key)
 for _key, _rule in globals().get('config_domains', {}).items():  # the domains, once every setting is in
     _val = globals()[_key]
     if not (_val is None and _config_defaults[_key] is None) and not _in_domain(_val, _rule):

@@ -14,7 +14,8 @@ of None means "not set" and takes any value) and lie in its domain. Each error i
 
 A script may define preset_file(), called once the command line is read: the config file it names (or '') is applied
 under what the user set, so the order of precedence is the script's defaults, the preset, config files, --key=value.
---help prints the settings then in effect.
+--help prints the settings then in effect. `config_given` names the settings the user gave (assigned in a config file
+or --key=value), even at their default value.
 """
 import ast as _ast
 import builtins as _builtins
@@ -147,14 +148,14 @@ def _config_file(path, keep=()):
     for key, value in ns.items():
         if not key.startswith('_') and not isinstance(value, _types.ModuleType) and key not in keep:
             _config_set(key, value, where=f'{path}: ')
-    return {t.id for node in _ast.parse(open(path).read()).body if isinstance(node, (_ast.Assign, _ast.AnnAssign))
-            for t in (node.targets if isinstance(node, _ast.Assign) else [node.target]) if isinstance(t, _ast.Name)}
+    return {n.id for n in _ast.walk(_ast.parse(open(path).read())) if isinstance(n, _ast.Name)
+            and isinstance(n.ctx, _ast.Store) and n.id in _config_keys}  # what the file assigns
 
 
 _config_keys = globals()['config_keys'] if 'config_keys' in globals() else \
     [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str, tuple, list, type(None)))]
 _config_defaults = {k: globals()[k] for k in _config_keys}
-config_given = set()  # the keys a config file or --key=value set
+config_given = set()  # the settings the user gave: assigned in a config file or --key=value (not by a preset)
 for _arg in _sys.argv[1:]:
     if _arg in ('--help', '-h'):
         continue

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 import torch.nn as nn
 
-from model import (NFE_PER_STEP, check_choices, cosine_lr, die, load_dataset, load_flow_model, resize, sample,
-                   setup_precision, to_model_range, to_uint8, use_sdpa)
+from model import (NFE_PER_STEP, check_choices, check_out_dir, cosine_lr, die, load_dataset, load_flow_model, resize,
+                   sample, setup_precision, to_model_range, to_uint8, use_sdpa)
 
 # -----------------------------------------------------------------------------
 out_dir = 'out/class_cfg'
@@ -192,6 +192,7 @@ def classifier_features(net, x_uint8_nhwc=None, x=None):
 
 def train_classifier(path):
     """Train the judge on its real training set, check it on the test set, cache it with the train feature stats."""
+    check_out_dir(os.path.dirname(os.path.abspath(path)), 'classifier_path')  # before the training, not after it
     r = RECIPES[judge]
     x, y = judge_images(True)
     x_test, y_test = judge_images(False)
@@ -237,11 +238,15 @@ def get_classifier():
     path = classifier_path or os.path.join('out', f'classifier_{judge}.pt')
     if not os.path.isfile(path):
         return train_classifier(path)
-    c = torch.load(path, map_location='cpu', weights_only=False)
-    if c.get('dataset') != judge:
-        die(f'{path} is a classifier of {c.get("dataset")!r}, not {judge!r}: pass another --classifier_path')
-    net = RECIPES[judge]['net'](c['num_classes'])
-    net.load_state_dict(c['model'])
+    try:
+        c = torch.load(path, map_location='cpu', weights_only=False)
+        if c.get('dataset') != judge:
+            die(f'{path} is a classifier of {c.get("dataset")!r}, not {judge!r}: pass another --classifier_path')
+        net = RECIPES[judge]['net'](c['num_classes'])
+        net.load_state_dict(c['model'])
+    except Exception as e:  # cut short, or not this script's cache
+        die(f'cannot read the cached classifier {path} ({type(e).__name__}): delete it to train the judge again, or '
+            f'pass another --classifier_path')
     return net.to(device).eval(), c['test_acc'], c['mu'], c['sigma']
 
 
@@ -284,8 +289,13 @@ def inception_reference(net):
     """Inception statistics of num_ref training images, cached next to the classifier cache."""
     path = inception_stats or os.path.join('out', f'inception_stats_{dataset}_{num_ref}.npz')
     if os.path.isfile(path):
-        d = np.load(path)
-        return d['mu'], d['sigma']
+        try:
+            d = np.load(path)
+            return d['mu'], d['sigma']
+        except Exception as e:  # cut short, or not this script's cache
+            die(f'cannot read the cached Inception statistics {path} ({type(e).__name__}): delete it to compute them '
+                f'again, or pass another --inception_stats')
+    check_out_dir(os.path.dirname(os.path.abspath(path)), 'inception_stats')  # before the work, not after it
     x, _ = load_real(True)
     x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:num_ref]]
     mu, sigma = feature_stats(inception_features(net, x.permute(0, 2, 3, 1).numpy()))
@@ -336,6 +346,9 @@ if __name__ == '__main__':
         die('device=cuda but no GPU is visible: use --device=cpu (or auto)')
     ctx, dtype = setup_precision(device, dtype)  # TF32 on GPUs; bf16 autocast where the device has it
 
+    out_json = out_json or (os.path.splitext(npz)[0] + '_eval.json' if npz else os.path.join(out_dir, 'eval.json'))
+    check_out_dir(os.path.dirname(os.path.abspath(out_json)),  # before any work; named as the user set it
+                  'out_json' if 'out_json' in config_given else 'npz' if npz else 'out_dir')
     settings = parse_runs()
     cfg_given = cfg is not None or any(g is not None for _, _, g in settings)
     settings = [(s, n, (2.0 if cfg is None else cfg) if g is None else g) for s, n, g in settings]
@@ -354,11 +367,21 @@ if __name__ == '__main__':
             die(f'no .npz at {npz}')
         try:
             data = np.load(npz)
-            x_npz, y_npz = data['arr_0'], data['arr_1'] if 'arr_1' in data else None
+            names = list(data.keys())
         except Exception as e:
             die(f'{npz} is not an .npz of samples with arr_0 (uint8 NxHxWxC): {type(e).__name__}')
-        if x_npz.dtype != np.uint8 or x_npz.ndim != 4:
-            die(f'{npz}: arr_0 must be uint8 NxHxWxC, got {x_npz.dtype} {x_npz.shape}')
+        if 'arr_0' not in names:
+            die(f'{npz} holds no arr_0, the samples (uint8 NxHxWxC), but {", ".join(names) or "nothing"}: write it '
+                f'with sample.py --save_npz')
+        try:
+            x_npz, y_npz = data['arr_0'], data['arr_1'] if 'arr_1' in names else None
+        except Exception as e:  # a member cut short, or pickled objects
+            die(f'cannot read arr_0 / arr_1 of {npz} ({type(e).__name__}): write it again with sample.py --save_npz')
+        if x_npz.dtype != np.uint8 or x_npz.ndim != 4 or not len(x_npz):
+            die(f'{npz}: arr_0 must be uint8 NxHxWxC with N >= 1, got {x_npz.dtype} {x_npz.shape}')
+        if y_npz is not None and (y_npz.shape != x_npz.shape[:1] or y_npz.dtype.kind not in 'iu' or y_npz.min() < 0):
+            die(f'{npz}: arr_1 must hold one class label (an integer >= 0) per sample of arr_0, got {y_npz.dtype} '
+                f'{y_npz.shape} for {len(x_npz)} samples')
         dataset, channels = dataset or judge or 'mnist', x_npz.shape[3]
         num_classes = int(y_npz.max()) + 1 if y_npz is not None and len(np.unique(y_npz)) > 1 else 0
         settings = [('npz', 0, float('nan'))]
@@ -407,7 +430,6 @@ if __name__ == '__main__':
     result = dict(source=npz or ckpt_path, dataset=dataset, judge=judge or None,
                   classifier_test_acc=classifier[1] if classifier else None, dtype=dtype, shift=shift, rows=rows,
                   real_test=real)
-    out_json = out_json or (os.path.splitext(npz)[0] + '_eval.json' if npz else os.path.join(out_dir, 'eval.json'))
     os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
     with open(out_json, 'w') as f:
         json.dump(result, f, indent=1)

@@ -243,7 +243,7 @@ def nearest(x, train):
 
 
 if __name__ == '__main__':  # the experiment; importing this file gives only the machines above
-    from model import (NFE_PER_STEP, check_choices, die, load_dataset, load_flow_model, resize, sample,
+    from model import (NFE_PER_STEP, check_choices, check_out_dir, die, load_dataset, load_flow_model, resize, sample,
                        save_labelled_grid, to_model_range)
     # -------------------------------------------------------------------------
     out_dir = 'out/ideal'
@@ -280,6 +280,7 @@ if __name__ == '__main__':  # the experiment; importing this file gives only the
     if any(p % 2 == 0 for p in calib_sizes):
         die(f'calib_sizes must be odd, got {calib_sizes}')
     check_choices(solver=(solver, NFE_PER_STEP))
+    check_out_dir(out_dir)  # before any work: a file, a folder that cannot be made or written
     torch.set_grad_enabled(False)
     net, checkpoint = load_flow_model(ckpt, device)
     if net.num_classes:
@@ -302,8 +303,13 @@ if __name__ == '__main__':  # the experiment; importing this file gives only the
             extra = torch.load(noise_file, map_location='cpu', weights_only=True)
         except Exception as e:
             die(f'cannot read noise_file {noise_file} ({type(e).__name__}): save a [1, {C}, {S}, {S}] tensor with torch.save')
-        if not torch.is_tensor(extra) or tuple(extra.shape) != (1, C, S, S):
-            die(f'noise_file {noise_file} must hold a tensor of shape [1, {C}, {S}, {S}]')
+        if not torch.is_tensor(extra) or tuple(extra.shape) != (1, C, S, S) or not extra.is_floating_point():
+            got = f'a {str(extra.dtype)[6:]} tensor of shape {list(extra.shape)}' if torch.is_tensor(extra) else \
+                f'a {type(extra).__name__}'
+            die(f'noise_file {noise_file} must hold a tensor of shape [1, {C}, {S}, {S}] of floats (as this '
+                f'network\'s images), not {got}')
+        if not torch.isfinite(extra).all():
+            die(f'noise_file {noise_file} holds NaN or infinite values')
         z = torch.cat([z, extra.float()])
     if not len(z):
         die('no noises: set num_noises >= 1 or pass a noise_file')
@@ -318,7 +324,8 @@ if __name__ == '__main__':  # the experiment; importing this file gives only the
     if patch_size == 0 and patched and patch_schedule:
         try:
             scheds = json.load(open(patch_schedule))['machines']
-        except (OSError, ValueError, KeyError) as e:
+            scheds = {m: dict(t=[float(t) for t in s['t']], P=[int(P) for P in s['P']]) for m, s in scheds.items()}
+        except (OSError, ValueError, KeyError, TypeError) as e:
             die(f'cannot read patch_schedule {patch_schedule} ({type(e).__name__}): pass a patch_schedule.json of this script')
         if any(m not in scheds for m in patched):
             die(f'patch_schedule {patch_schedule} has no schedule for {", ".join(m for m in patched if m not in scheds)}')

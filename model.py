@@ -514,6 +514,32 @@ def die(msg):
     print(f'error: {msg}', file=sys.stderr)
     sys.exit(1)
 
+def check_out_dir(path, setting='out_dir'):
+    """Die now, before any work, when the folder `path` (--setting) cannot be written: a file, under a file, or a folder
+    this process may not write in (tried, not read from permission bits, which root ignores). Creates nothing. From here
+    on an OSError nothing caught (a disk that fills up) or a Ctrl-C ends the script with one line, not a traceback."""
+    import tempfile
+    d = os.path.abspath(path)
+    while not os.path.lexists(d):  # the nearest existing folder: path itself or the one it would be made in
+        d = os.path.dirname(d)
+    if not os.path.isdir(d):
+        die(f'--{setting}: {path} is a file, not a folder; choose another --{setting}' if d == os.path.abspath(path)
+            else f'--{setting}: {path} cannot be made, {d} is a file; choose another --{setting}')
+    try:
+        tempfile.TemporaryFile(dir=d).close()
+    except OSError as e:
+        die(f'--{setting}: cannot write in {d} ({e.strerror}); choose another --{setting}')
+    sys.excepthook = _one_line_excepthook
+
+def _one_line_excepthook(kind, e, tb):
+    if issubclass(kind, KeyboardInterrupt):
+        print('stopped by Ctrl-C', file=sys.stderr)
+    elif issubclass(kind, OSError):
+        print(f'error: {e.filename}: {e.strerror}' if e.filename and e.strerror else
+              f'error: {kind.__name__}: {e}'.splitlines()[0], file=sys.stderr)
+    else:
+        sys.__excepthook__(kind, e, tb)
+
 def check_choices(**settings):
     """settings: name=(value, allowed values); dies naming the first value that is not allowed."""
     for key, (value, choices) in settings.items():
@@ -607,10 +633,16 @@ def _torchvision_idx(name, data_dir, train, download):
     try:  # download=True skips files already there
         ds = cls(data_dir, train=train, download=download)
         return ds.data.unsqueeze(1), ds.targets
-    except Exception:
-        pass
+    except Exception as e:
+        error = e
     if made:  # leave nothing behind from a failed download
         shutil.rmtree(os.path.join(data_dir, folder), ignore_errors=True)
+    split = [f'{"train" if train else "t10k"}-{k}-ubyte' for k in ('images-idx3', 'labels-idx1')]
+    raw = os.path.join(data_dir, folder, 'raw')
+    if all(os.path.isfile(os.path.join(raw, f)) for f in split):  # there, but not whole: a cut-short copy, say
+        raise ValueError(f'cannot read {name} from {raw}: {" or ".join(split)} is damaged ({type(error).__name__}: '
+                         f'{str(error).splitlines()[0] if str(error) else "?"}); copy it again, or delete it and pass '
+                         f'--download=True')
     files = ', '.join(f'{s}-{k}-ubyte' for s in ('train', 't10k') for k in ('images-idx3', 'labels-idx1'))
     why = 'the download failed (offline?)' if download else 'download is off'
     raise FileNotFoundError(f'{name} not found in {os.path.join(data_dir, folder, "raw")} and {why}: expected {files} '
@@ -633,62 +665,93 @@ def _cifar10(data_dir, train, download):
             f'or use --dataset=folder --data_dir=DIR with one sub-folder of images per class')
     xs, ys = [], []
     for f in files:  # the real format: a pickled dict with 'data' uint8 [N, 3072] and 'labels'
-        with open(os.path.join(root, f), 'rb') as fh:
-            d = pickle.load(fh, encoding='latin1')
-        xs.append(torch.as_tensor(np.asarray(d['data'], dtype=np.uint8)).view(-1, 3, 32, 32))
-        ys.append(torch.as_tensor(d['labels']))
+        try:
+            with open(os.path.join(root, f), 'rb') as fh:
+                d = pickle.load(fh, encoding='latin1')
+            xs.append(torch.as_tensor(np.asarray(d['data'], dtype=np.uint8)).view(-1, 3, 32, 32))
+            ys.append(torch.as_tensor(d['labels']))
+        except Exception as e:  # a cut-short download, another file under that name
+            raise ValueError(f'{os.path.join(root, f)} is not a CIFAR-10 python batch ({type(e).__name__}): copy it '
+                             f'again, or delete {root} and pass --download=True') from None
     return torch.cat(xs), torch.cat(ys)
 
-def _image_folder(data_dir, image_size):
-    """[N, 1, S, S] when every image is greyscale (L, 1-bit, 16-bit, grey + alpha), else [N, 3, S, S] in RGB."""
+def _image_folder(data_dir, image_size, skip_bad=False):
+    """[N, 1, S, S] when every image is greyscale (L, 1-bit, 16-bit, grey + alpha), else [N, 3, S, S] in RGB. A file
+    that is not a whole image stops the load, named; with skip_bad it is left out, and one note counts them."""
     from PIL import Image
     from torchvision import datasets, transforms
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(f'image folder {data_dir!r} not found: --dataset=folder wants --data_dir=DIR with one sub-folder of images per class')
-    ds = datasets.ImageFolder(data_dir, loader=lambda path: path)  # only the (path, class) list: opened below
+    try:
+        samples = datasets.ImageFolder(data_dir, loader=lambda path: path).samples  # (path, class): opened below
+    except FileNotFoundError as e:  # no class folder, or a class folder with no image
+        raise FileNotFoundError(f'image folder {data_dir!r}: {e}') from None
+    bad = {}  # path: what is wrong with it
 
-    def mode(path):  # from the header alone
-        with Image.open(path) as im:
-            return im.mode
+    def read(path, mode=None):
+        """(mode, size) from the header alone, or the image decoded in `mode`; None for a bad file when skipping."""
+        try:
+            with Image.open(path) as im:
+                if mode is None:
+                    return im.mode, im.size
+                if mode == 'L' and im.mode.startswith('I;16'):  # 16 bits to 8 (PIL's convert('L') would clip at 255)
+                    return Image.fromarray((np.asarray(im) >> 8).astype(np.uint8))
+                return im.convert(mode)
+        except Exception as e:  # empty, cut short, not an image at all, unreadable
+            bad[path] = 'not an image file' if isinstance(e, Image.UnidentifiedImageError) else \
+                f'{(str(e) or "?").splitlines()[0]} ({type(e).__name__})'
+            if not skip_bad:
+                raise ValueError(f'{path}: {bad[path]}; remove it, or pass --skip_bad_images=True to leave out every '
+                                 f'unreadable file') from None
 
-    is_grey = all(mode(path) in ('1', 'L', 'LA', 'I;16', 'I;16B', 'I;16L') for path, _ in ds.samples)
-
-    def load(path):
-        with Image.open(path) as im:
-            if not is_grey:
-                return im.convert('RGB')
-            if im.mode.startswith('I;16'):  # 16 bits to 8 (PIL's convert('L') would clip at 255)
-                return Image.fromarray((np.asarray(im) >> 8).astype(np.uint8))
-            return im.convert('L')
-
+    heads = {path: read(path) for path, _ in samples}
+    heads = {path: head for path, head in heads.items() if head is not None}
+    mode = 'L' if all(m in ('1', 'L', 'LA', 'I;16', 'I;16B', 'I;16L') for m, _ in heads.values()) else 'RGB'
+    small = sorted((min(size), path) for path, (_, size) in heads.items() if min(size) < image_size)
+    if small and len({size for _, size in heads.values()}) > 1:  # one size for all is scaled alike (as MNIST to 32)
+        side, path = small[0]
+        raise ValueError(f'image folder {data_dir!r} mixes image sizes, and {len(small)} image(s) are smaller than '
+                         f'image_size {image_size} (the smallest: {path}, {"x".join(map(str, heads[path][1]))}): only '
+                         f'those would be blurred up; pass --image_size={side} or remove them')
     tf = transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.PILToTensor()])
-    x = torch.stack([tf(load(path)) for path, _ in ds.samples])
-    return x, torch.as_tensor(ds.targets)
+    x, y = [], []
+    for path, k in samples:
+        im = read(path, mode) if path in heads else None
+        if im is not None:
+            x.append(tf(im))
+            y.append(k)
+    if bad and int(os.environ.get('RANK', 0)) == 0:
+        path, why = next(iter(bad.items()))
+        print(f'note: left out {len(bad)} unreadable file(s) of {len(samples)} in {data_dir} (e.g. {path}: {why})')
+    if not x:
+        raise FileNotFoundError(f'image folder {data_dir!r} holds no readable image')
+    return torch.stack(x), torch.as_tensor(y)
 
-def load_dataset(name, data_dir, train=True, image_size=32, download=False, hint=''):
+def load_dataset(name, data_dir, train=True, image_size=32, download=False, hint='', skip_bad=False):
     """The whole dataset in memory: uint8 images [N, C, H, W] and int64 labels [N]; mnist / fashion_mnist / cifar10
-    in torchvision's layout under data_dir, folder: data_dir/<class>/<image>. Dies with the reason, then `hint`."""
+    in torchvision's layout under data_dir, folder: data_dir/<class>/<image> (skip_bad: leave out unreadable files).
+    Dies with the reason, then `hint`."""
     try:
         if name in ('mnist', 'fashion_mnist'):
             x, y = _torchvision_idx(name, data_dir, train, download)
         elif name == 'cifar10':
             x, y = _cifar10(data_dir, train, download)
         elif name == 'folder':
-            x, y = _image_folder(data_dir, image_size or 32)
+            x, y = _image_folder(data_dir, image_size or 32, skip_bad)
         else:
             raise ValueError(f"unknown dataset {name!r}: choose mnist, fashion_mnist, cifar10 or folder")
         if len(x) == 0:
             raise FileNotFoundError(f'dataset {name!r} under {data_dir!r} holds no images')
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError) as e:  # OSError: also a file or folder this process may not read
         die(f'{e}{hint}')
     return x.contiguous(), y.long()
 
-def load_training_set(dataset, data_dir, image_size, download, ddp, local_rank, device):
+def load_training_set(dataset, data_dir, image_size, download, ddp, local_rank, device, skip_bad=False):
     """The training set as uint8 [N, C, S, S] and labels on `device`, resized once here to image_size (0: as
     stored). Under DDP each node's local rank 0 reads (and downloads) first while the others wait."""
     if ddp and local_rank != 0:
         dist.barrier()
-    x, y = load_dataset(dataset, data_dir, True, image_size, download and local_rank == 0)
+    x, y = load_dataset(dataset, data_dir, True, image_size, download and local_rank == 0, skip_bad=skip_bad)
     if ddp and local_rank == 0:
         dist.barrier()
     if image_size and x.shape[-1] != image_size:
@@ -742,12 +805,23 @@ def cosine_lr(it, lr, min_lr, warmup_iters, decay_iters):
 
 class Progress:
     """Loss, images/s and ETA. Loss and a finite-flag are summed on the device (no host sync per iteration); check()
-    reads them over all processes and stops every one on a NaN or inf; pause() keeps sampling out of the speed."""
+    reads them over all processes and stops every one on a NaN or inf; pause() keeps sampling out of the speed.
+    From here to the last iteration Ctrl-C (SIGINT) and SIGTERM, a cluster scheduler's stop, only set a flag: the loop
+    finishes its iteration, writes a checkpoint there when interrupted() says so, and exit_interrupted() ends the run.
+    Under DDP all processes must stop at one iteration: the flag joins check()'s all-reduce, so they stop together at
+    the first log or checkpoint iteration after the signal (torchrun waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s, for it)."""
     def __init__(self, iter_num, max_iters, batch_size, iters_per_epoch, ddp, world_size, ckpt_path):
+        import signal
         self.max_iters, self.batch_size, self.iters_per_epoch = max_iters, batch_size, iters_per_epoch
         self.ddp, self.world_size, self.ckpt_path = ddp, world_size, ckpt_path
         self.t_start = self.t_last = time.time()
         self.loss_sum, self.bad, self.n, self.it_last = 0.0, 0.0, 0, iter_num
+        self.signal, self.stop = 0, False  # the signal this process got; under DDP: whether any process got one
+        self.handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)
+                         if iter_num < max_iters}
+
+    def on_signal(self, signum, frame):
+        self.signal = signum
 
     def add(self, loss, grad_norm):
         self.loss_sum = self.loss_sum + loss.detach().float()
@@ -759,15 +833,42 @@ class Progress:
         if not self.n:
             return float('nan')
         x = torch.stack([torch.as_tensor(self.loss_sum) / self.n, torch.as_tensor(self.bad).float()])
+        x = torch.cat([x, x.new_tensor([float(self.signal > 0)])])  # and the stop flag
         if self.ddp:
             dist.all_reduce(x)  # a sum: gloo has no AVG
             x[0] /= self.world_size
-        loss, bad = x.tolist()
+        loss, bad, stop = x.tolist()
+        self.stop = stop > 0
         if bad or not math.isfinite(loss):
             die(f'loss is not finite (mean {loss}) before iter {iter_num}; stopped without writing, the last good '
                 f'checkpoint ({self.ckpt_path}) is untouched. Lower --learning_rate or use --dtype=float32, then '
                 f'--init_from=resume')
         return loss
+
+    def interrupted(self, iter_num):
+        """Whether to write a checkpoint at iter_num and stop: a stop signal came (under DDP: to any process, as of
+        the last check(), the same answer in every process). After the last iteration the signals act as before."""
+        import signal
+        if iter_num >= self.max_iters:
+            for s, handler in self.handlers.items():
+                signal.signal(s, handler)
+        return self.stop if self.ddp else self.signal > 0
+
+    def exit_interrupted(self, iter_num):
+        """After the checkpoint at iter_num: one line on how to go on, then exit 128 + the signal's number (130 for
+        Ctrl-C, 143 for SIGTERM), the code a shell gives a process a signal ended."""
+        import signal
+        name = signal.Signals(self.signal).name if self.signal else 'a stop signal to another process'
+        if self.ddp:
+            dist.barrier()  # until rank 0 has written the checkpoint
+        if not self.ddp or dist.get_rank() == 0:
+            print(f'stopped by {name} at iter {iter_num}, checkpoint {self.ckpt_path} written there: to go on, run the '
+                  f'same command with --init_from=resume', file=sys.stderr, flush=True)
+        code = 128 + (self.signal or signal.SIGTERM)
+        if self.ddp:  # at once: a gloo group freed at exit can abort (teardown_distributed), and nothing is left to do
+            sys.stdout.flush()
+            os._exit(code)
+        sys.exit(code)
 
     def pause(self):
         self.t_last = time.time()
@@ -794,10 +895,19 @@ def start_log(log_path, iter_num):
 # checkpoints
 
 def save_checkpoint(ckpt, path):
-    """Atomic: write a temporary file, then rename it over the old checkpoint."""
+    """Atomic: write a temporary file, then rename it over the old checkpoint. A write that fails (a full disk) leaves
+    the old checkpoint as it was and ends the run with one line."""
     tmp = path + '.tmp'
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # RuntimeError: torch's zip writer reports a failed write as one
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else f'{type(e).__name__}: {e}'.splitlines()[0]
+        kept = f'{path} is kept as it was' if os.path.exists(path) else 'nothing was written'
+        die(f'cannot write {tmp} ({why}): {kept}; free some space or pass another --out_dir, then go on with '
+            f'--init_from=resume')
 
 def load_checkpoint(path, hint=''):
     """A nanoflow checkpoint dict, or die with the reason and then `hint`."""
@@ -811,13 +921,29 @@ def load_checkpoint(path, hint=''):
         die(f'{path} is not a nanoflow checkpoint (no model_args / model){hint}')
     return ckpt
 
-def resume_checkpoint(path, expect):
-    """The checkpoint to continue from, or die saying what to do; `expect`: the model_args this run needs."""
+def resume_checkpoint(path, expect, model_args, given):
+    """The checkpoint to continue from, or die with one line saying what to do. expect: what this run's data and
+    script fix (channels, size, classes, time input; arch: dit, unet or resnet, told apart as build_model does).
+    model_args: what this run's settings would build; given: the settings the user gave (configurator's
+    config_given). The checkpoint's model_args build the network on resume, so a given setting they contradict (a
+    typed --dim=64 on a dim-32 checkpoint) stops the run, naming each with both values, rather than be ignored."""
     ckpt = load_checkpoint(path, ": train with --init_from=scratch or set --out_dir")
-    wrong = {k: (ckpt['model_args'].get(k), v) for k, v in expect.items() if ckpt['model_args'].get(k) != v}
+    args = ckpt['model_args']
+    there = {'time_cond': True, 'num_classes': 0, **args,  # (the ResNet's: a time input, no classes)
+             'arch': 'dit' if 'dim' in args else 'resnet' if 'width' in args else 'unet'}
+    wrong = ', '.join(f'{k}={there.get(k)!r} there, {v!r} here' for k, v in expect.items() if there.get(k) != v)
     if wrong:
-        diff = ', '.join(f'{k}={a!r} there, {b!r} here' for k, (a, b) in wrong.items())
-        die(f'{path} does not fit this run ({diff}): use the data and script of that run, or another --out_dir')
+        die(f'{path} does not fit this run ({wrong}): use the data and script of that run, or another --out_dir')
+    show = lambda v: v if isinstance(v, str) else repr(v).replace(' ', '')  # as typed on the command line
+    asked = [f'--{k}={show(v)} (the checkpoint: {show(there[k])})' if k in there else f'--{k}={show(v)} (the '
+             f'checkpoint\'s {there["arch"]} has no {k})' for k, v in model_args.items() if k in given and there.get(k) != v]
+    if asked:
+        die(f'{path} holds another network than your settings ask for: {", ".join(asked)}; a resumed run keeps the '
+            f'checkpoint\'s network, so drop these settings, or train the new network in another --out_dir')
+    missing = [k for k in ('ema', 'optimizer', 'iter_num', 'rng') if k not in ckpt]
+    if missing:
+        die(f'{path} holds no {", ".join(missing)}: it cannot be resumed (sample.py can still use it); train in '
+            f'another --out_dir')
     return ckpt
 
 def load_flow_model(path, device='cpu', use_ema=True, sdpa=True):
@@ -826,8 +952,12 @@ def load_flow_model(path, device='cpu', use_ema=True, sdpa=True):
     if not ckpt['model_args'].get('time_cond', True):
         die(f'{path} is a one-step denoiser (no time input), not a flow model: use a checkpoint of '
             f'train_flow_unet.py, train_class_cfg.py or train_dit.py')
-    model = build_model(ckpt['model_args'], sdpa)
-    model.load_state_dict(ckpt['ema'] if use_ema and ckpt.get('ema') else ckpt['model'])
+    try:
+        model = build_model(ckpt['model_args'], sdpa)
+        model.load_state_dict(ckpt['ema'] if use_ema and ckpt.get('ema') else ckpt['model'])
+    except (TypeError, RuntimeError, AssertionError) as e:  # model_args a network does not take, weights of another
+        die(f'{path}: its weights do not fit its model_args ({type(e).__name__}): it is damaged or not a nanoflow '
+            f'checkpoint')
     return model.to(device).eval(), ckpt
 
 # figures

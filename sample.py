@@ -17,8 +17,8 @@ import time
 import numpy as np
 import torch
 
-from model import (NFE_PER_STEP, check_choices, die, load_flow_model, sample, save_grid, save_labelled_grid,
-                   setup_precision, to_uint8, use_sdpa)
+from model import (NFE_PER_STEP, check_choices, check_out_dir, die, load_flow_model, sample, save_grid,
+                   save_labelled_grid, setup_precision, to_uint8, use_sdpa)
 
 # -----------------------------------------------------------------------------
 out_dir = 'out/dit_mnist'
@@ -61,6 +61,9 @@ check_choices(dtype=(dtype, ('bfloat16', 'float32')), attention=(attention, ('au
 device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
 if device == 'cuda' and not torch.cuda.is_available():
     die('device=cuda but no GPU is visible: use --device=cpu (or auto)')
+check_out_dir(out_dir)  # before any work: a file, a folder that cannot be made or written
+if save_npz:
+    check_out_dir(os.path.dirname(os.path.abspath(save_npz)), 'save_npz')
 ctx, dtype = setup_precision(device, dtype)  # TF32 on GPUs; bf16 autocast where the device has it
 ckpt_path = ckpt or os.path.join(out_dir, 'ckpt.pt')
 model, _ = load_flow_model(ckpt_path, device, use_ema, sdpa=use_sdpa(attention, device.split(':')[0], dtype))

@@ -20,10 +20,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import (Batches, DATASETS, Progress, UNet, check_choices, cosine_lr, die, load_dataset, load_training_set,
-                   plot_loss, resize, resume_checkpoint, rng_states, save_checkpoint, save_labelled_grid,
-                   set_rng_states, setup_distributed, setup_precision, start_log, teardown_distributed, to_model_range,
-                   update_ema)
+from model import (Batches, DATASETS, Progress, UNet, check_choices, check_out_dir, cosine_lr, die, load_dataset,
+                   load_training_set, plot_loss, resize, resume_checkpoint, rng_states, save_checkpoint,
+                   save_labelled_grid, set_rng_states, setup_distributed, setup_precision, start_log,
+                   teardown_distributed, to_model_range, update_ema)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -32,6 +32,7 @@ data_dir = 'data'
 dataset = 'mnist'  # mnist | fashion_mnist | cifar10 | folder
 image_size = 32  # resize every image to image_size x image_size (0: as stored; a folder: 32)
 download = True
+skip_bad_images = False  # a folder: leave out files that are not whole images (a note counts them)
 init_from = 'scratch'
 log_interval = 50
 ckpt_interval = 500
@@ -79,6 +80,7 @@ config = {k: globals()[k] for k in config_keys}
 check_choices(dataset=(dataset, DATASETS), dtype=(dtype, ('bfloat16', 'float32')),
               device=(device, ('auto', 'cpu', 'cuda')), init_from=(init_from, ('scratch', 'resume')),
               mode=(mode, ('denoise', 'pure_noise')))
+check_out_dir(out_dir)  # before any work: a file, a folder that cannot be made or written
 ddp, rank, local_rank, world_size, device = setup_distributed(device, batch_size)
 master, device_type = rank == 0, ('cuda' if device.startswith('cuda') else 'cpu')
 log = print if master else (lambda *a, **k: None)
@@ -88,7 +90,7 @@ torch.manual_seed(seed + rank)
 memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
 # data: training set for learning, test set (the training set for a folder) for the figures
-x_all, y_all = load_training_set(dataset, data_dir, image_size, download, ddp, local_rank, device)
+x_all, y_all = load_training_set(dataset, data_dir, image_size, download, ddp, local_rank, device, skip_bad_images)
 x_test = load_dataset(dataset, data_dir, train=False)[0] if dataset != 'folder' else x_all
 C, S = x_all.shape[1], x_all.shape[-1]
 batches = Batches(x_all, y_all, batch_size, world_size, rank, seed)
@@ -108,7 +110,8 @@ model_args = dict(in_channels=C, input_size=S, base_channels=base_channels, chan
                   time_cond=False, num_classes=0)
 iter_num, ckpt = 0, None
 if init_from == 'resume':
-    ckpt = resume_checkpoint(ckpt_path, dict(in_channels=C, input_size=S, time_cond=False, num_classes=0))
+    ckpt = resume_checkpoint(ckpt_path, dict(arch='unet', in_channels=C, input_size=S, time_cond=False, num_classes=0),
+                             model_args, config_given)
     model_args, iter_num = ckpt['model_args'], ckpt['iter_num']
 model = UNet(**model_args).to(device, memory_format=memory_format)
 ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -203,7 +206,8 @@ while iter_num < max_iters:
     if master and iter_num % iters_per_epoch == 0 and iter_num // iters_per_epoch in sample_epochs:
         write_epoch_figure(iter_num // iters_per_epoch)
         progress.pause()
-    if iter_num % ckpt_interval == 0 or iter_num == max_iters:
+    stop = progress.interrupted(iter_num)  # Ctrl-C or SIGTERM: a checkpoint at this iteration, then stop
+    if iter_num % ckpt_interval == 0 or iter_num == max_iters or stop:
         progress.check(iter_num)  # a NaN since the last report stops the run here, before the checkpoint
         rng = rng_states(ddp, world_size)
         if master:
@@ -212,6 +216,8 @@ while iter_num < max_iters:
                                  config=config, rng=rng), ckpt_path)
             write_plot()
         progress.pause()
+    if stop:
+        progress.exit_interrupted(iter_num)  # one line on how to go on
 
 if master:
     write_plot()

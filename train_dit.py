@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import (Batches, DATASETS, DiT_Llama, Progress, RectifiedFlow, check_choices, cosine_lr, die,
+from model import (Batches, DATASETS, DiT_Llama, Progress, RectifiedFlow, check_choices, check_out_dir, cosine_lr, die,
                    load_training_set, plot_loss, resume_checkpoint, rng_states, sample, save_checkpoint, save_grid,
                    set_rng_states, setup_distributed, setup_precision, start_log, teardown_distributed, update_ema,
                    use_sdpa)
@@ -37,6 +37,7 @@ data_dir = 'data'
 dataset = 'mnist'  # mnist | fashion_mnist | cifar10 | folder (data_dir/<class>/<image>)
 image_size = 0  # resize every image to image_size x image_size (0: as stored; a folder: 32)
 download = True
+skip_bad_images = False  # a folder: leave out files that are not whole images (a note counts them)
 init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
 log_interval = 50
 sample_interval = 2000  # 0: only at the end
@@ -118,6 +119,7 @@ if eval_interval and (judge or dataset) not in JUDGES:
 t_begin = time.time()  # the training wall clock (evaluations excluded) counts from here
 
 # processes and devices: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE
+check_out_dir(out_dir)  # before any work: a file, a folder that cannot be made or written
 ddp, rank, local_rank, world_size, device = setup_distributed(device, batch_size)
 master = rank == 0
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
@@ -135,7 +137,7 @@ if compile and device_type == 'cpu' and not shutil.which(cxx):
 torch.manual_seed(seed + rank)
 
 # data: the whole set as uint8 on the device; each process reads its DistributedSampler share
-x_all, y_all = load_training_set(dataset, data_dir, image_size, download, ddp, local_rank, device)
+x_all, y_all = load_training_set(dataset, data_dir, image_size, download, ddp, local_rank, device, skip_bad_images)
 C, H, W = x_all.shape[1:]
 num_classes = int(y_all.max()) + 1
 batches = Batches(x_all, y_all, batch_size, world_size, rank, seed, hflip=hflip)
@@ -151,7 +153,7 @@ model_args = dict(in_channels=C, input_size=H, patch_size=patch_size, dim=dim, n
                   num_classes=num_classes, p_uncond=p_uncond, qk_norm=qk_norm, stem_channels=stem_channels)
 iter_num, ckpt = 0, None
 if init_from == 'resume':
-    ckpt = resume_checkpoint(ckpt_path, dict(in_channels=C, input_size=H))
+    ckpt = resume_checkpoint(ckpt_path, dict(arch='dit', in_channels=C, input_size=H), model_args, config_given)
     model_args, iter_num = ckpt['model_args'], ckpt['iter_num']
 train_seconds = ckpt.get('train_seconds', 0.0) if ckpt else 0.0  # wall clock of the run so far, evaluations excluded
 if H != W or H % model_args['patch_size']:
@@ -307,7 +309,8 @@ while iter_num < max_iters:
     if master and eval_interval and (iter_num % eval_interval == 0 or iter_num == max_iters):
         t_begin += evaluate_ema(iter_num)  # the clock stops while evaluate.py runs
         progress.pause()
-    if iter_num % ckpt_interval == 0 or iter_num == max_iters:
+    stop = progress.interrupted(iter_num)  # Ctrl-C or SIGTERM: a checkpoint at this iteration, then stop
+    if iter_num % ckpt_interval == 0 or iter_num == max_iters or stop:
         progress.check(iter_num)  # a NaN since the last report stops the run here, before the checkpoint
         rng = rng_states(ddp, world_size)
         if master:
@@ -316,6 +319,8 @@ while iter_num < max_iters:
                                  config=config, rng=rng, train_seconds=train_seconds + time.time() - t_begin), ckpt_path)
             write_plots()
         progress.pause()
+    if stop:
+        progress.exit_interrupted(iter_num)  # one line on how to go on
 
 if master:
     write_plots()

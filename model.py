@@ -1,12 +1,13 @@
 """
 nanoflow's one shared module, in the order a reader meets it:
 
-1. networks: the time and label embeddings they share; DiT-LLaMA (AdaLN-Zero, 2D RoPE, SwiGLU); the UNet (the
-   one-step denoiser, the flow model and the class-conditional CFG model, chosen by its arguments); a convolution-only
-   ResNet; build_model, which rebuilds any of them from a checkpoint's model_args;
+1. networks: the time and label embeddings they share; DiT-LLaMA (AdaLN-Zero, 2D RoPE, SwiGLU), as its equations;
+   the UNet (the one-step denoiser, the flow model and the class-conditional CFG model, chosen by its arguments); a
+   convolution-only ResNet; build_model, which rebuilds any of them from a checkpoint's model_args;
 2. the flow: the rectified-flow loss, time grids, ODE solvers and classifier-free guidance;
 3. EMA of the weights;
-4. what the scripts share: one-line errors, devices and DDP, data and batches, the training loop's bookkeeping,
+4. CPU kernels: DiT-LLaMA's attention and block again, the same maths by hand-written kernels, for bf16 on a CPU;
+5. what the scripts share: one-line errors, devices and DDP, data and batches, the training loop's bookkeeping,
    checkpoints and figures.
 
 Conventions: images in [-1, 1]; t = 0 is data, t = 1 is noise; x_t = (1 - t) x0 + t eps and the networks predict
@@ -457,7 +458,7 @@ def kernel_attention(attn, x, angles):  # and compiled q/k/v copies around an ea
         q, k, sub_max = norm_rope(q, attn.q_norm, rot_q), norm_rope(k, attn.k_norm, rot_k), bool(bound >= 100)
     else:
         q, k, sub_max = rotate(q, rot_q), rotate(k, rot_k), True
-    images = max(1, 2 ** 21 // (attn.n_heads * L ** 2)) if x.device.type == 'cpu' else B  # scores of 2 M entries
+    images = max(1, 2 ** 21 // (attn.n_heads * L ** 2)) if x.device.type == 'cpu' else B  # 2^21 scores a chunk
     y = ExplicitAttention.apply(q, k, v, images, sub_max)
     return attn.proj(y.reshape(B, L, D))  # y: [B, L, heads, head_dim]
 

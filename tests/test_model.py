@@ -122,6 +122,18 @@ def test_block_is_its_equations():
     assert torch.allclose(block(x, c, angles), out, atol=1e-6)
 
 
+def test_dit_weights_keep_their_checkpoint_names_on_every_path():
+    """Checkpoints name the attention's weights qkv, proj, q_norm and k_norm (qk_norm=False: no norm weights); every
+    attention path has the same state_dict, so a checkpoint trained on one loads into any other."""
+    for qk_norm in (True, False):
+        names = [set(DiT_Llama(1, 8, 2, 32, 1, 4, 10, qk_norm=qk_norm, stem_channels=8, attention=a).state_dict())
+                 for a in ('sdpa', 'math', 'kernels')]
+        attn = {n for n in names[0] if '.attn.' in n}
+        norms = {'blocks.0.attn.q_norm.weight', 'blocks.0.attn.k_norm.weight'} if qk_norm else set()
+        assert attn == {'blocks.0.attn.qkv.weight', 'blocks.0.attn.proj.weight'} | norms
+        assert names[0] == names[1] == names[2]
+
+
 def test_adaln_zero_block_is_identity_at_init():
     torch.manual_seed(0)
     block = TransformerBlock(32, 4)

@@ -320,9 +320,9 @@ class ResNet(nn.Module):
     def forward(self, x, t, y=None):
         emb = F.silu(self.t_embedder(t))
         h = self.conv_in(x)
-        for conv, lin in zip(self.convs, self.embs):  # h + conv(silu(h * (1 + scale) + shift))
+        for conv, lin in zip(self.convs, self.embs):
             scale, shift = lin(emb)[:, :, None, None].chunk(2, dim=1)
-            h = h + conv(F.silu(torch.addcmul(shift, h, 1 + scale)))
+            h = h + conv(F.silu(h * (1 + scale) + shift))
         return self.conv_out(F.silu(h))
 
 def build_model(model_args, attention='sdpa'):

@@ -6,7 +6,7 @@ nanoflow's one shared module, in the order a reader meets it:
    convolution-only ResNet; build_model, which rebuilds any of them from a checkpoint's model_args;
 2. the flow: the rectified-flow loss, time grids, ODE solvers and classifier-free guidance;
 3. EMA of the weights;
-4. CPU kernels: DiT-LLaMA's attention and block again, the same maths by hand-written kernels, for bf16 on a CPU;
+4. CPU kernels: DiT-LLaMA's attention and block again, the same maths by hand-written kernels, for a CPU;
 5. what the scripts share: one-line errors, devices and DDP, data and batches, the training loop's bookkeeping,
    checkpoints and figures.
 
@@ -92,7 +92,7 @@ class Attention(nn.Module):
     """Multi-head self-attention over all tokens (nanoGPT's CausalSelfAttention without the causal mask), q and k
     RMS-normalised per head (qk_norm) and rotated by 2D RoPE. `attention` says how softmax(q k^T / sqrt(d)) v is
     computed: 'sdpa' by F.scaled_dot_product_attention, 'math' written out below, 'kernels' by the CPU kernels
-    section at the end of the file (the same maths, by hand-written kernels that are faster for bf16 on a CPU)."""
+    section further down (the same maths, by hand-written kernels that train faster on a CPU)."""
     def __init__(self, dim, n_heads, qk_norm=True, attention='sdpa'):
         super().__init__()
         assert dim % n_heads == 0 and (dim // n_heads) % 4 == 0, 'head dim must be a multiple of 4 for 2D RoPE'
@@ -416,26 +416,25 @@ def update_ema(ema_model, model, decay):
     torch._foreach_lerp_(ema_p, [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_p)], 1 - decay)
 
 # =============================================================================
-# CPU kernels: DiT-LLaMA's attention and block, the same maths as Attention's 'math' path and TransformerBlock,
-# with forwards and backwards written by hand for bf16 training on a CPU. There a step's time in the attention goes
-# less to its products than to passes over memory, at a head dimension of 16: autograd's RMSNorm and RoPE read and
-# write q and k about twice as often as their maths needs, and a batch's L x L scores, written out three times
-# forward and more backward, do not fit in the cache. So here RMSNorm and RoPE are one function that keeps only what
-# its backward needs; the softmax runs on chunks of images whose scores stay in the cache, takes its exponentials in
-# base 2 straight from the product with the row sums from the same product as the output, and its backward uses
-# sum_j p_j dp_j = dy . y; the whole layer runs eager under torch.compile; the block's modulation and gated residuals
-# are one fused kernel each. pick_attention says where they are used, tests/test_kernels.py that they equal the plain
-# path in outputs and gradients, docs/performance.md what each choice measured.
+# CPU kernels: DiT-LLaMA's attention and block, the same maths as Attention's 'math' path and TransformerBlock, with
+# forwards, backwards and forward-mode derivatives (for torch.func.jvp) written by hand, for training on a CPU.
+# Why: there, in bf16 above all, the attention's time goes less to its products than to passes over memory at a head
+# dimension of 16. Autograd's RMSNorm and RoPE read and write q and k about twice as often as their maths needs, and
+# a batch's L x L scores, written out three times forward and more backward, do not fit in the cache. So here RMSNorm
+# and RoPE are one function that keeps only what its backward needs; the softmax runs on chunks of images whose
+# scores stay in the cache, takes its exponentials in base 2 straight from the product, gets the row sums from the
+# same product as the output, and its backward uses sum_j p_j dp_j = dy . y; the whole layer runs eager under
+# torch.compile; the block's modulation and gated residuals are one fused kernel each. pick_attention says where they
+# are used, tests/test_kernels.py that they equal the plain path in outputs and derivatives, docs/performance.md what
+# each choice measured.
 
 def pick_attention(attention, device_type, dtype):
-    """The `attention` setting of the scripts -> Attention's path. auto: the kernels for bf16 on a CPU, where they
-    train fastest; the written-out softmax in fp32 on a CPU, where SDPA's kernel has no forward-mode derivative
-    (torch.func.jvp); SDPA on CUDA."""
+    """The `attention` setting of the scripts -> Attention's path. auto: the kernels on a CPU, fastest in bf16 and as
+    fast as SDPA in fp32, where SDPA's CPU kernel has no forward-mode derivative (torch.func.jvp) and they do; SDPA on
+    CUDA."""
     if attention != 'auto':
         return attention
-    if device_type == 'cuda':
-        return 'sdpa'
-    return 'kernels' if dtype == 'bfloat16' else 'math'
+    return 'sdpa' if device_type == 'cuda' else 'kernels'
 
 def kernel_block(block, x, c, angles):
     """TransformerBlock.forward with modulate and the gated residuals x + gate * f as one addcmul each."""
@@ -459,7 +458,7 @@ def kernel_attention(attn, x, angles):  # and compiled q/k/v copies around an ea
     else:
         q, k, sub_max = rotate(q, rot_q), rotate(k, rot_k), True
     images = max(1, 2 ** 21 // (attn.n_heads * L ** 2)) if x.device.type == 'cpu' else B  # 2^21 scores a chunk
-    y = ExplicitAttention.apply(q, k, v, images, sub_max)
+    y = ExplicitAttention.apply(q, k, v, images, sub_max)[0]
     return attn.proj(y.reshape(B, L, D))  # y: [B, L, heads, head_dim]
 
 def rotate(x, rot):
@@ -471,14 +470,14 @@ def norm_rope(x, norm, rot):
     """rotate(RMSNorm(x)) for q or k [B, heads, L, d] by NormRoPEFunction, on a CPU in chunks of images whose fp32
     copies (2 MB) stay in the cache."""
     images = max(1, 2 ** 19 // x[0].numel()) if x.device.type == 'cpu' else len(x)
-    return NormRoPEFunction.apply(x, norm.weight, rot, norm.eps, images)
+    return NormRoPEFunction.apply(x, norm.weight, rot, norm.eps, images)[0]
 
 class NormRoPEFunction(torch.autograd.Function):
     """y = rot (x_hat w), x_hat = x / rms(x), rms(x) = sqrt(mean(x^2) + eps) over the last dim, in fp32, returned in
-    x's dtype; rot [L, d/2] multiplies consecutive pairs as complex numbers. The forward keeps only x_hat and 1 / rms,
-    the backward makes one pass per chunk."""
+    x's dtype; rot [L, d/2], a constant, multiplies consecutive pairs as complex numbers. The forward keeps only x_hat
+    and 1 / rms (returned beside y for the backward and the jvp); the backward makes one pass per chunk."""
     @staticmethod
-    def forward(ctx, x, w, rot, eps, images):
+    def forward(x, w, rot, eps, images):
         f32 = torch.promote_types(x.dtype, torch.float32)
         y, x_hat = torch.empty_like(x), torch.empty_like(x, dtype=f32)
         inv_rms = x.new_empty(x.shape[:-1] + (1,), dtype=f32)
@@ -487,12 +486,19 @@ class NormRoPEFunction(torch.autograd.Function):
             torch.rsqrt(torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps), out=r)
             torch.mul(xf, r, out=x_hat[i:i + images])
             y[i:i + images] = torch.view_as_real(torch.view_as_complex((x_hat[i:i + images] * w).unflatten(-1, (-1, 2))) * rot).flatten(-2)
-        ctx.save_for_backward(x_hat, inv_rms, w, rot)
-        ctx.images = images
-        return y
+        return y, x_hat, inv_rms
 
     @staticmethod
-    def backward(ctx, dy):
+    def setup_context(ctx, inputs, output):
+        (_, w, rot, _, ctx.images), (y, x_hat, inv_rms) = inputs, output
+        ctx.mark_non_differentiable(x_hat, inv_rms)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x_hat, inv_rms, w, rot)
+        ctx.save_for_forward(x_hat, inv_rms, w, rot)
+        ctx.y_dtype = y.dtype
+
+    @staticmethod
+    def backward(ctx, dy, *_):
         # with g = conj(rot) dy (dy rotated back): dw = sum g x_hat, dx = (g w - x_hat mean(g w x_hat)) / rms(x)
         (x_hat, inv_rms, w, rot), images = ctx.saved_tensors, ctx.images
         dx, dw = torch.empty_like(dy), torch.zeros_like(w)
@@ -506,13 +512,27 @@ class NormRoPEFunction(torch.autograd.Function):
             torch.mul(torch.addcmul(g.mul_(w), xh, mean_gw_xh, value=-1), inv_rms[i:i + images], out=dx[i:i + images])
         return dx, dw, None, None, None
 
+    @staticmethod
+    def jvp(ctx, dx, dw, *_):
+        # forward mode, in one piece: dx_hat = (dx - x_hat mean(x_hat dx)) / rms(x), dy = rot (dx_hat w + x_hat dw)
+        x_hat, inv_rms, w, rot = ctx.saved_tensors
+        d = torch.zeros_like(x_hat)
+        if dx is not None:
+            dx = dx.to(x_hat.dtype)
+            d += (dx - x_hat * (x_hat * dx).mean(-1, keepdim=True)) * inv_rms * w
+        if dw is not None:
+            d += x_hat * dw
+        dy = torch.view_as_real(torch.view_as_complex(d.unflatten(-1, (-1, 2))) * rot).flatten(-2)
+        return dy.to(ctx.y_dtype), None, None
+
 class ExplicitAttention(torch.autograd.Function):
     """y = softmax(q k^T ln 2) v for q, k, v [B, heads, L, d] (base 2: the caller folds log2 e into q), returned as
     [B, L, heads, d], `images` images at a time. Forward: e = 2^(q k^T) (minus the row max if sub_max), then
-    e [v, 1] = [e v, sum(e)], one pass over e where softmax takes two, and y = e v / sum(e). The row-wise divisions
-    run in fp32 (in bf16, broadcast along rows of d, they are slow on a CPU)."""
+    e [v, 1] = [e v, sum(e)], one pass over e where softmax takes two, and y = e v / sum(e); [v, 1], e and sum(e) are
+    returned beside y for the backward and the jvp. The row-wise divisions run in fp32 (in bf16, broadcast along rows
+    of d, they are slow on a CPU)."""
     @staticmethod
-    def forward(ctx, q, k, v, images, sub_max):
+    def forward(q, k, v, images, sub_max):
         d, f32 = v.shape[-1], torch.promote_types(v.dtype, torch.float32)
         y, exps, row_sums = q.new_empty(q.shape[0], q.shape[2], q.shape[1], d), [], []
         v1 = torch.cat([v, torch.ones_like(v[..., :1])], -1)
@@ -524,12 +544,18 @@ class ExplicitAttention(torch.autograd.Function):
             ev_and_sum = (exps[-1] @ v1[i:i + images]).to(f32)  # [e v, sum(e)]
             row_sums.append(ev_and_sum[..., d:].contiguous())  # a copy: a view would keep all of ev_and_sum alive
             y[i:i + images] = (ev_and_sum[..., :d] / row_sums[-1]).transpose(1, 2)
-        ctx.save_for_backward(q, k, v1, y, *exps, *row_sums)
-        ctx.images = images
-        return y
+        return (y, v1, *exps, *row_sums)
 
     @staticmethod
-    def backward(ctx, dy):
+    def setup_context(ctx, inputs, output):
+        (q, k, _, ctx.images, _), (y, v1, *saved) = inputs, output
+        ctx.mark_non_differentiable(v1, *saved)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(q, k, v1, y, *saved)
+        ctx.save_for_forward(q, k, v1, y, *saved)
+
+    @staticmethod
+    def backward(ctx, dy, *_):
         # p = e / sum(e), dp = dy v^T, and per row D = sum_j p_j dp_j = dy . y. Scores in base 2:
         # ds = ln2 p (dp - D) = e * ([dy', -D'] [v, 1]^T) with dy' = dy ln2 / sum(e), D' = D ln2 / sum(e);
         # dq = ds k, dk = ds^T q, dv = p^T dy = e^T (dy / sum(e))
@@ -547,6 +573,26 @@ class ExplicitAttention(torch.autograd.Function):
             dk[j] = (q[j].transpose(-2, -1) @ ds).transpose(-2, -1)  # dk^T = q^T ds
             dv[j] = (dy_over_sum.to(q.dtype).transpose(-2, -1) @ e).transpose(-2, -1)  # dv^T = (dy / sum(e))^T e
         return dq, dk, dv, None, None
+
+    @staticmethod
+    def jvp(ctx, dq, dk, dv, *_):
+        # forward mode: ds = dq k^T + q dk^T, de = ln2 e ds, so with p = e / sum(e)
+        # dy = ln2 ((p ds) v - sum_j (p ds) y) + p dv, the first two terms from one product (e ds) [v, 1]
+        (q, k, v1, y, *saved), images = ctx.saved_tensors, ctx.images
+        exps, row_sums = saved[:len(saved) // 2], saved[len(saved) // 2:]
+        d, dy = v1.shape[-1] - 1, torch.zeros_like(y)
+        for e, row_sum, i in zip(exps, row_sums, range(0, q.shape[0], images)):
+            j = slice(i, i + images)
+            dy_sum = torch.zeros_like(row_sum).expand(*row_sum.shape[:-1], d)  # sum(e) dy, in fp32
+            if dq is not None or dk is not None:
+                ds = 0 if dq is None else dq[j] @ k[j].transpose(-2, -1)
+                ds = ds if dk is None else ds + q[j] @ dk[j].transpose(-2, -1)
+                eds_v1 = ((e * ds) @ v1[j]).to(row_sum.dtype) * math.log(2)  # ln2 [(e ds) v, sum(e ds)]
+                dy_sum = dy_sum + eds_v1[..., :d] - eds_v1[..., d:] * y[j].transpose(1, 2)
+            if dv is not None:
+                dy_sum = dy_sum + e @ dv[j]
+            dy[j] = (dy_sum / row_sum).transpose(1, 2)
+        return (dy, *[None] * (1 + len(saved)))
 
 # =============================================================================
 # What the scripts share: one-line errors, devices and processes, data and batches, the training loop's

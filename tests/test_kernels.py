@@ -1,8 +1,9 @@
-"""model.py's CPU kernels compute what its networks section writes out: the same outputs and gradients as the
-written-out ('math') path, in fp32 and bf16, in more than one chunk; where they sit in the file; which path each
-device and dtype gets; and forward-mode derivatives (torch.func.jvp) through the default CPU path."""
+"""model.py's CPU kernels compute what its networks section writes out: the same outputs, gradients and forward-mode
+derivatives as the written-out ('math') path, in fp32 and bf16, in more than one chunk; where they sit in the file;
+which path each device and dtype gets; and torch.func.jvp through the DiT on the default CPU path."""
 import copy
 import inspect
+import math
 
 import pytest
 import torch
@@ -51,6 +52,9 @@ def test_kernels_equal_the_written_out_block(dim, heads, side, B, norm_weight, b
         plain.attn.k_norm.weight.mul_(norm_weight)
     kernels = copy.deepcopy(plain)
     kernels.attn.attention = 'kernels'
+    d = dim // heads  # the kernels' bound on the base-2 scores, d (log2 e / sqrt(d)) max|w_q| max|w_k|: above 100 only here
+    bound = d ** 0.5 * math.log2(math.e) * plain.attn.q_norm.weight.abs().max() * plain.attn.k_norm.weight.abs().max()
+    assert (bound > 100) == (norm_weight > 1)
     x, c, angles = torch.randn(B, side * side, dim), torch.randn(B, dim), rope_grid(side, side, dim // heads)
     w, tangents = torch.randn(B, side * side, dim, dtype=torch.float64), (torch.randn_like(x), torch.randn_like(c))
     got = output_and_derivatives(kernels, x, c, angles, w, tangents, bf16)

@@ -9,7 +9,7 @@ per network evaluation (NFE), and model FLOPs utilisation (MFU) against the matm
 
 FLOPs are counted by torch.utils.flop_counter on one real forward + backward (every matmul,
 convolution and attention product, backward included), not guessed from parameter counts; always on
-the explicit-attention form of the network, since the counter misses part of the CPU SDPA kernels.
+the written-out attention ('math') of the network, since the counter misses part of the CPU SDPA kernels.
 The baseline is the same network in fp32, eager (for the DiT with an explicit softmax(q k^T / sqrt(d)) v,
 for the UNet in the default NCHW memory format).
 """
@@ -28,7 +28,7 @@ presets = 'dit_mnist,dit_cifar10,unet_mnist,unet_mnist_small'  # config/<name>.p
 batch_size = 0  # 0: the preset's batch for MNIST, 32 for CIFAR-10 (on a CPU a step of 256 takes over a minute)
 iters = 4  # timed iterations (after `warmup` untimed ones)
 warmup = 2
-dit_variants = 'baseline,fp32_sdpa,bf16_sdpa,bf16_math,bf16_math_compile,bf16_sdpa_compile'
+dit_variants = 'baseline,fp32_sdpa,bf16_sdpa,bf16_kernels,bf16_kernels_compile,bf16_sdpa_compile'
 unet_variants = 'baseline,fp32_cl,bf16,bf16_cl,bf16_cl_compile'
 device = 'auto'
 out_json = 'bench.json'
@@ -41,7 +41,7 @@ ideal_batch = (1, 32)  # noises run together
 ideal_machines = 'IS,LS,ELS,bbELS'
 curves = ''  # 'out/a,out/b': instead of timing, overlay train_dit.py runs: quality vs minutes (eval.jsonl) or loss
 minrf_dir = ''  # a checkout of cloneofsimo/minRF (kept outside this repo): instead, its DiT beside ours at its MNIST size
-minrf_variants = 'default,bf16,fp32_compile,fp32,fp32_math,bf16_sdpa,bf16_math'  # default: train_dit.py's; eager unless _compile
+minrf_variants = 'default,bf16,fp32_compile,fp32,fp32_sdpa,bf16_sdpa,bf16_math'  # default: train_dit.py's; eager unless _compile
 rounds = 5  # --minrf_dir: alternating timed rounds per implementation (the median is reported)
 config_domains = dict(  # each number's domain: a kind of configurator.py (count >= 1, count0 >= 0, ...) or a range
     batch_size='count0', iters='count', rounds='count', warmup='count0', seed='seed', ideal_n='count', ideal_p='size',
@@ -53,12 +53,12 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator
 device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 sync = torch.cuda.synchronize if device_type == 'cuda' else (lambda: None)
-VARIANTS = {  # name: (dtype, DiT attention through SDPA?, torch.compile?, UNet in channels_last?)
-    'baseline': ('float32', False, False, False), 'fp32_sdpa': ('float32', True, False, False),
-    'bf16_sdpa': ('bfloat16', True, False, False), 'bf16_math': ('bfloat16', False, False, False),
-    'bf16_math_compile': ('bfloat16', False, True, False), 'bf16_sdpa_compile': ('bfloat16', True, True, False),
-    'fp32_cl': ('float32', False, False, True), 'bf16': ('bfloat16', False, False, False),
-    'bf16_cl': ('bfloat16', False, False, True), 'bf16_cl_compile': ('bfloat16', False, True, True)}
+VARIANTS = {  # name: (dtype, DiT attention, torch.compile?, UNet in channels_last?)
+    'baseline': ('float32', 'math', False, False), 'fp32_sdpa': ('float32', 'sdpa', False, False),
+    'bf16_sdpa': ('bfloat16', 'sdpa', False, False), 'bf16_kernels': ('bfloat16', 'kernels', False, False),
+    'bf16_kernels_compile': ('bfloat16', 'kernels', True, False), 'bf16_sdpa_compile': ('bfloat16', 'sdpa', True, False),
+    'fp32_cl': ('float32', 'math', False, True), 'bf16': ('bfloat16', 'math', False, False),
+    'bf16_cl': ('bfloat16', 'math', False, True), 'bf16_cl_compile': ('bfloat16', 'math', True, True)}
 
 
 def matmul_peak(dtype, n=2048, reps=10):
@@ -84,14 +84,14 @@ def preset_config(name):
     return cfg
 
 
-def build(cfg, sdpa, channels_last):
+def build(cfg, attention, channels_last):
     if 'unet' in cfg:
         model = UNet(**cfg['unet']).to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         return model, cfg['unet']['in_channels'], cfg['unet']['input_size']
     C, S = (3, 32) if cfg['dataset'] == 'cifar10' else (1, 28)
     args = dict(in_channels=C, input_size=S, patch_size=cfg.get('patch_size', 2), dim=cfg.get('dim', 128),
                 n_layers=cfg.get('n_layers', 6), n_heads=cfg.get('n_heads', 4))
-    return DiT_Llama(**args, sdpa=sdpa).to(device), C, S
+    return DiT_Llama(**args, attention=attention).to(device), C, S
 
 
 def timed(fn, n):
@@ -106,9 +106,9 @@ def timed(fn, n):
 
 
 def bench(cfg, variant, B):
-    dtype, sdpa, use_compile, channels_last = VARIANTS[variant]
+    dtype, attention, use_compile, channels_last = VARIANTS[variant]
     torch.manual_seed(seed)
-    model, C, S = build(cfg, sdpa, channels_last)
+    model, C, S = build(cfg, attention, channels_last)
     torch._dynamo.reset()  # a fresh compile per variant: shapes differ between presets
     run_model = torch.compile(model, dynamic=False) if use_compile else model
     ctx = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
@@ -129,8 +129,8 @@ def bench(cfg, variant, B):
         with torch.no_grad(), ctx:
             run_model(x0, torch.rand(B, device=device), y)
 
-    # count on the explicit-attention twin: the counter does not see inside the CPU SDPA kernels
-    twin = build(cfg, False, channels_last)[0]
+    # count on the written-out twin: the counter does not see inside the CPU SDPA kernels
+    twin = build(cfg, 'math', channels_last)[0]
     with FlopCounterMode(display=False) as counter:  # eager forward + backward of the same step
         with ctx:
             loss, _ = flow.loss(twin, x0, y)
@@ -139,7 +139,7 @@ def bench(cfg, variant, B):
     t_train = timed(train_step, iters)
     t_nfe = timed(nfe, iters)
     peak = peaks[dtype]
-    return dict(preset=cfg['name'], variant=variant, dtype=dtype, sdpa=sdpa, compile=use_compile, channels_last=channels_last, batch=B,
+    return dict(preset=cfg['name'], variant=variant, dtype=dtype, attention=attention, compile=use_compile, channels_last=channels_last, batch=B,
                 train_img_s=B / t_train, sample_img_s_per_nfe=B / t_nfe, train_gflop_per_img=train_flops / B / 1e9,
                 train_tflops=train_flops / t_train / 1e12, mfu=train_flops / t_train / peak)
 
@@ -216,7 +216,7 @@ def bench_minrf():
     Sampling: one Euler step with CFG (2 NFE per image: minRF runs two forwards, ours one doubled batch)."""
     import copy
     import sys
-    from model import guided_velocity, update_ema, use_sdpa
+    from model import guided_velocity, pick_attention, update_ema
     sys.path.insert(0, os.path.abspath(minrf_dir))
     try:
         from dit import DiT_Llama as MinRFDiT
@@ -249,11 +249,11 @@ def bench_minrf():
 
     def ours(variant):
         dtype = {'fp32': 'float32', 'bf16': 'bfloat16'}.get(variant.split('_')[0], d['dtype'])
-        attention = variant.split('_')[1] if variant.count('_') and variant.split('_')[1] in ('sdpa', 'math') else d['attention']
+        attention = variant.split('_')[1] if variant.count('_') and variant.split('_')[1] in ('sdpa', 'math', 'kernels') else d['attention']
         use_compile = variant.endswith('compile') or (variant.startswith('default') and d['compile'])
-        model = DiT_Llama(1, 32, 2, 64, 6, 4, 10, sdpa=use_sdpa(attention, device_type, dtype)).to(device)
+        model = DiT_Llama(1, 32, 2, 64, 6, 4, 10, attention=pick_attention(attention, device_type, dtype)).to(device)
         ema = copy.deepcopy(model).requires_grad_(False)
-        sampler = DiT_Llama(1, 32, 2, 64, 6, 4, 10, sdpa=use_sdpa(attention, device_type, dtype))
+        sampler = DiT_Llama(1, 32, 2, 64, 6, 4, 10, attention=pick_attention(attention, device_type, dtype))
         sampler = sampler.to(device).eval().requires_grad_(False)  # as sample.py builds it (its own attention choice)
         run_model = torch.compile(model, dynamic=False) if use_compile else model
         run_sampler = torch.compile(sampler, dynamic=False) if variant.endswith('compile') else sampler  # as sample.py

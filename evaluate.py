@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 import torch.nn as nn
 
-from model import (NFE_PER_STEP, check_choices, check_out_dir, cosine_lr, die, load_dataset, load_flow_model, resize,
-                   sample, setup_precision, to_model_range, to_uint8, use_sdpa)
+from model import (NFE_PER_STEP, check_choices, check_out_dir, cosine_lr, die, load_dataset, load_flow_model,
+                   pick_attention, resize, sample, setup_precision, to_model_range, to_uint8)
 
 # -----------------------------------------------------------------------------
 out_dir = 'out/class_cfg'
@@ -60,7 +60,7 @@ inception_stats = ''  # '' = out/inception_stats_<dataset>_<num_ref>.npz (comput
 out_json = ''  # '' = out_dir/eval.json
 device = 'auto'
 dtype = 'bfloat16'  # bfloat16 (autocast) | float32
-attention = 'auto'  # sdpa | math (explicit softmax) | auto: math for bf16 on a CPU, else sdpa (as train_dit.py)
+attention = 'auto'  # sdpa | math (softmax written out) | kernels (CPU kernels) | auto: as model.pick_attention says
 config_domains = dict(  # each number's domain: a kind of configurator.py (count >= 1, count0 >= 0, ...) or a range
     num_samples='count', steps='count', cfg='nonneg', shift='positive', batch_size='count', seed='seed',
     classifier_epochs='count0', num_ref='count')
@@ -338,7 +338,7 @@ def generate(s, n_steps, g):
 
 
 if __name__ == '__main__':
-    check_choices(dtype=(dtype, ('bfloat16', 'float32')), attention=(attention, ('auto', 'sdpa', 'math')),
+    check_choices(dtype=(dtype, ('bfloat16', 'float32')), attention=(attention, ('auto', 'sdpa', 'math', 'kernels')),
                   device=(device, ('auto', 'cpu', 'cuda')), inception=(inception, ('auto', 'on', 'off')),
                   judge=(judge, ('', *RECIPES)))
     device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
@@ -388,7 +388,7 @@ if __name__ == '__main__':
     else:
         ckpt_path = ckpt or os.path.join(out_dir, 'ckpt.pt')
         model, checkpoint = load_flow_model(ckpt_path, device, use_ema,
-                                            sdpa=use_sdpa(attention, device.split(':')[0], dtype))
+                                            attention=pick_attention(attention, device.split(':')[0], dtype))
         dataset = dataset or checkpoint.get('config', {}).get('dataset', 'mnist')
         num_classes, channels = model.num_classes, model.in_channels
         if not num_classes and cfg_given:

@@ -1,12 +1,13 @@
 """
 nanoflow's one shared module, in the order a reader meets it:
 
-1. networks: the time and label embeddings they share; DiT-LLaMA (AdaLN-Zero, 2D RoPE, SwiGLU); the UNet (the
-   one-step denoiser, the flow model and the class-conditional CFG model, chosen by its arguments); a convolution-only
-   ResNet; build_model, which rebuilds any of them from a checkpoint's model_args;
+1. networks: the time and label embeddings they share; DiT-LLaMA (AdaLN-Zero, 2D RoPE, SwiGLU), as its equations;
+   the UNet (the one-step denoiser, the flow model and the class-conditional CFG model, chosen by its arguments); a
+   convolution-only ResNet; build_model, which rebuilds any of them from a checkpoint's model_args;
 2. the flow: the rectified-flow loss, time grids, ODE solvers and classifier-free guidance;
 3. EMA of the weights;
-4. what the scripts share: one-line errors, devices and DDP, data and batches, the training loop's bookkeeping,
+4. CPU kernels: DiT-LLaMA's attention and block again, the same maths by hand-written kernels, for a CPU;
+5. what the scripts share: one-line errors, devices and DDP, data and batches, the training loop's bookkeeping,
    checkpoints and figures.
 
 Conventions: images in [-1, 1]; t = 0 is data, t = 1 is noise; x_t = (1 - t) x0 + t eps and the networks predict
@@ -74,139 +75,46 @@ def rope_grid(h, w, head_dim):
     rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij')
     return rope_angles(rows.flatten(), cols.flatten(), head_dim)
 
-def apply_rope(x, angles, scale=1.0):
-    """Rotate consecutive pairs (x[2i], x[2i+1]) of the last dim of x [..., L, head_dim] by angles [L, head_dim/2] and
-    multiply by scale: (x[2i] + i x[2i+1]) scale e^(i angle), one complex product in fp32 (faster than four real)."""
+def apply_rope(x, angles):
+    """Rotate consecutive pairs (x[2i], x[2i+1]) of the last dim of x [..., L, head_dim] by angles [L, head_dim/2]:
+    (x[2i] + i x[2i+1]) e^(i angle), one complex product in fp32, returned in x's dtype."""
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(xc * torch.polar(torch.full_like(angles, scale), angles)).flatten(-2).to(x.dtype)
+    return torch.view_as_real(xc * torch.polar(torch.ones_like(angles), angles)).flatten(-2).to(x.dtype)
 
 # -----------------------------------------------------------------------------
 # DiT-LLaMA
 
 def modulate(x, shift, scale):
-    # AdaLN: x * (1 + scale) + shift, one (shift, scale) per sample broadcast over tokens (one fused kernel)
-    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
-
-class RMSNormRoPE(nn.Module):
-    """q or k [B, heads, L, d] -> RoPE(x / rms(x) * weight) * scale, in fp32 (a bf16 x / rms over rows of 16 is slow
-    on a CPU), returned in x's dtype; with norm=False only the rotation."""
-    def __init__(self, dim, norm=True):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim)) if norm else None
-
-    def forward(self, x, angles, scale=1.0):
-        if self.weight is None:
-            return apply_rope(x, angles, scale)
-        n = max(1, 2 ** 19 // x[0].numel()) if x.device.type == 'cpu' else len(x)  # on a CPU chunks of 2 MB in fp32
-        return NormRoPEFunction.apply(x, self.weight, torch.polar(torch.full_like(angles, scale), angles), 1e-6, n)
-
-class NormRoPEFunction(torch.autograd.Function):
-    """RMSNormRoPE with its backward by hand, in chunks of images whose fp32 copies stay in the cache: 10 passes over x
-    where autograd makes 20. rot = scale e^(i angles) [L, d/2]."""
-    @staticmethod
-    def forward(ctx, x, w, rot, eps, n):
-        f32 = torch.promote_types(x.dtype, torch.float32)
-        y, u, r = torch.empty_like(x), torch.empty_like(x, dtype=f32), x.new_empty(x.shape[:-1] + (1,), dtype=f32)
-        for i in range(0, len(x), n):
-            xf = x[i:i + n].to(f32)
-            torch.rsqrt(torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps), out=r[i:i + n])
-            torch.mul(xf, r[i:i + n], out=u[i:i + n])  # u = x / rms(x)
-            y[i:i + n] = torch.view_as_real(torch.view_as_complex((u[i:i + n] * w).unflatten(-1, (-1, 2))) * rot).flatten(-2)
-        ctx.save_for_backward(u, r, w, rot)
-        ctx.n = n
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        (u, r, w, rot), n = ctx.saved_tensors, ctx.n  # y = rot (u w), u = x r: g = conj(rot) dy, dw = sum g u,
-        dx, dw = torch.empty_like(dy), torch.zeros_like(w)  # dx = r (g w - u mean(g w u))
-        for i in range(0, len(u), n):
-            g = torch.view_as_complex(dy[i:i + n].to(u.dtype).contiguous().unflatten(-1, (-1, 2))) * rot.conj()
-            g = torch.view_as_real(g).flatten(-2)
-            gu = g * u[i:i + n]
-            dw += gu.sum(dim=tuple(range(u.dim() - 1)))
-            mean_gwu = (gu @ w).unsqueeze(-1).div_(u.shape[-1])
-            torch.mul(torch.addcmul(g.mul_(w), u[i:i + n], mean_gwu, value=-1), r[i:i + n], out=dx[i:i + n])
-        return dx, dw, None, None, None
-
-def use_sdpa(attention, device_type, dtype):
-    """attention = sdpa | math | auto. auto, as measured on a 2-core CPU (docs/performance.md): SDPA on CUDA and in fp32
-    (there the two forms train about equally fast, SDPA samples faster), the explicit form in cache-sized chunks for
-    bf16 on a CPU (faster than SDPA's CPU kernel there)."""
-    return attention == 'sdpa' or (attention == 'auto' and (device_type == 'cuda' or dtype == 'float32'))
+    # AdaLN: one (shift, scale) per sample, broadcast over the tokens
+    return x * (1 + scale) + shift
 
 class Attention(nn.Module):
-    def __init__(self, dim, n_heads, qk_norm=True, sdpa=True):
+    """Multi-head self-attention over all tokens (nanoGPT's CausalSelfAttention without the causal mask), q and k
+    RMS-normalised per head (qk_norm) and rotated by 2D RoPE. `attention` says how softmax(q k^T / sqrt(d)) v is
+    computed: 'sdpa' by F.scaled_dot_product_attention, 'math' written out below, 'kernels' by the CPU kernels
+    section further down (the same maths, by hand-written kernels that train faster on a CPU)."""
+    def __init__(self, dim, n_heads, qk_norm=True, attention='sdpa'):
         super().__init__()
         assert dim % n_heads == 0 and (dim // n_heads) % 4 == 0, 'head dim must be a multiple of 4 for 2D RoPE'
-        self.n_heads, self.head_dim, self.sdpa = n_heads, dim // n_heads, sdpa
+        self.n_heads, self.head_dim, self.attention = n_heads, dim // n_heads, attention
         self.qkv, self.proj = nn.Linear(dim, 3 * dim, bias=False), nn.Linear(dim, dim, bias=False)
-        self.q_norm, self.k_norm = RMSNormRoPE(self.head_dim, qk_norm), RMSNormRoPE(self.head_dim, qk_norm)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
 
     def forward(self, x, angles):
-        return self.layer(x, angles) if self.sdpa else self.eager_layer(x, angles)
-
-    @torch.compiler.disable  # eager under torch.compile: compiled, the explicit form's qkv copies and hand-written
-    def eager_layer(self, x, angles):  # backwards were slower than compiling only the rest
-        return self.layer(x, angles)
-
-    def layer(self, x, angles):
-        B, L, D = x.shape  # q, k, v: [B, heads, L, head_dim], copied once into that order (not copied per product)
-        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4).contiguous()
-        y = self.sdpa_attention(q, k, v, angles) if self.sdpa else self.explicit_attention(q, k, v, angles)
-        return self.proj(y.reshape(B, L, D))  # y: [B, L, heads, head_dim]
-
-    def sdpa_attention(self, q, k, v, angles):  # q's 1/sqrt(d) rides on its rotation
-        q, k = self.q_norm(q, angles, self.head_dim ** -0.5), self.k_norm(k, angles)
-        return F.scaled_dot_product_attention(q, k, v, scale=1.0).transpose(1, 2)
-
-    def explicit_attention(self, q, k, v, angles):  # on a CPU in chunks of the batch whose L x L scores stay in cache
-        n = max(1, 2 ** 21 // (self.n_heads * q.shape[2] ** 2)) if q.device.type == 'cpu' else len(q)
-        scale = self.head_dim ** -0.5 * math.log2(math.e)  # scores in base 2: softmax(s) = 2^(s log2 e) / sum
-        # |q k^T| <= |q| |k| <= d scale max|w_q| max|w_k| (RMSNorm: |x / rms(x)| <= sqrt(d)): below 100, 2^(q k^T) can
-        # neither overflow nor vanish and no row max is needed (the models trained here: 8-26); above, it is subtracted
-        bound = self.head_dim * scale * self.q_norm.weight.abs().max() * self.k_norm.weight.abs().max() \
-            if self.q_norm.weight is not None else math.inf
-        q, k = self.q_norm(q, angles, scale), self.k_norm(k, angles)
-        return ExplicitAttention.apply(q, k, v, n, bool(bound >= 100))
-
-class ExplicitAttention(torch.autograd.Function):
-    """y = softmax(q k^T ln 2) v (base 2: the caller folds log2 e into q) for q, k, v [B, heads, L, d], returned as
-    [B, L, heads, d], n images at a time. Forward: e = 2^(q k^T) (minus the row max if sub_max), then e [v, 1] =
-    [e v, sum(e)]: one pass over e where softmax takes two. Backward by hand, with p = e / sum(e) and D = sum_j p dp
-    = do . y per row: ds = ln2 p (dp - D) = e * ([do', -D'] [v, 1]^T), do' = do ln2 / sum(e), D' = D ln2 / sum(e).
-    The row-wise divisions run in fp32 (in bf16, broadcast along rows of d, they are much slower on a CPU)."""
-    @staticmethod
-    def forward(ctx, q, k, v, n, sub_max):
-        d, f32 = v.shape[-1], torch.promote_types(v.dtype, torch.float32)
-        y, es, dens = q.new_empty(q.shape[0], q.shape[2], q.shape[1], d), [], []
-        v1 = torch.cat([v, torch.ones_like(v[..., :1])], -1)
-        for i in range(0, q.shape[0], n):
-            s = q[i:i + n] @ k[i:i + n].transpose(-2, -1)
-            if sub_max:
-                s -= s.amax(dim=-1, keepdim=True)
-            es.append(s.exp2_())
-            yd = (es[-1] @ v1[i:i + n]).to(f32)  # [e v, sum(e)]
-            dens.append(yd[..., d:].contiguous())  # not a view: it would keep all of yd alive for the backward
-            y[i:i + n] = (yd[..., :d] / dens[-1]).transpose(1, 2)
-        ctx.save_for_backward(q, k, v1, y, *es, *dens)
-        ctx.n = n
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        (q, k, v1, y, *saved), n = ctx.saved_tensors, ctx.n
-        es, dens = saved[:len(saved) // 2], saved[len(saved) // 2:]
-        dq, dk, dv, do = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v1[..., :-1]), dy.transpose(1, 2)
-        D = (dy * y).sum(dim=-1, dtype=dens[0].dtype).transpose(1, 2).unsqueeze(-1)  # do . y: [B, heads, L, 1]
-        for e, den, i in zip(es, dens, range(0, q.shape[0], n)):
-            do_den = do[i:i + n].to(den.dtype, memory_format=torch.contiguous_format) / den  # do / sum(e)
-            dpd = torch.cat([do_den, -D[i:i + n] / den], -1).mul_(math.log(2)).to(q.dtype)  # [do', -D']
-            ds = (dpd @ v1[i:i + n].transpose(-2, -1)).mul_(e)
-            dq[i:i + n] = ds @ k[i:i + n]
-            dk[i:i + n] = (q[i:i + n].transpose(-2, -1) @ ds).transpose(-2, -1)  # dk^T = q^T ds
-            dv[i:i + n] = (do_den.to(q.dtype).transpose(-2, -1) @ e).transpose(-2, -1)  # dv^T = (do / sum(e))^T e
-        return dq, dk, dv, None, None
+        if self.attention == 'kernels':
+            return kernel_attention(self, x, angles)
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # each [B, heads, L, d]
+        q, k = self.q_norm(q.float()), self.k_norm(k.float())  # RMSNorm in fp32, as LLaMA computes it
+        q, k = apply_rope(q, angles).to(v.dtype), apply_rope(k, angles).to(v.dtype)
+        if self.attention == 'sdpa':
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:
+            att = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
+            att = att.softmax(dim=-1)
+            y = att @ v
+        return self.proj(y.transpose(1, 2).reshape(B, L, D))  # heads side by side again: [B, L, D]
 
 class SwiGLU(nn.Module):
     """w2(silu(w1 x) * w3 x), hidden size 2/3 of 4*dim as in LLaMA, rounded up to a multiple of 32."""
@@ -221,10 +129,10 @@ class SwiGLU(nn.Module):
 
 class TransformerBlock(nn.Module):
     """Pre-norm block with AdaLN-Zero: shift, scale and gate for attention and the MLP from c; at init the identity."""
-    def __init__(self, dim, n_heads, qk_norm=True, sdpa=True):
+    def __init__(self, dim, n_heads, qk_norm=True, attention='sdpa'):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(dim, n_heads, qk_norm, sdpa)
+        self.attn = Attention(dim, n_heads, qk_norm, attention)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = SwiGLU(dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
@@ -232,9 +140,12 @@ class TransformerBlock(nn.Module):
             nn.init.zeros_(p)
 
     def forward(self, x, c, angles):
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=-1)
-        x = torch.addcmul(x, gate_a.unsqueeze(1), self.attn(modulate(self.norm1(x), shift_a, scale_a), angles))
-        return torch.addcmul(x, gate_m.unsqueeze(1), self.mlp(modulate(self.norm2(x), shift_m, scale_m)))  # x + g * f(x)
+        if self.attn.attention == 'kernels':
+            return kernel_block(self, x, c, angles)  # these two lines by fused kernels (the CPU kernels section)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(6, dim=-1)
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), angles)
+        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
 
 class FinalLayer(nn.Module):
     """AdaLN (shift, scale, no gate) then a linear map to patch_size^2 * out_channels; zero-initialised."""
@@ -247,7 +158,7 @@ class FinalLayer(nn.Module):
             nn.init.zeros_(p)
 
     def forward(self, x, c):
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=-1)
         return self.linear(modulate(self.norm(x), shift, scale))
 
 def patchify(x, p):
@@ -262,7 +173,7 @@ def unpatchify(x, p, C, H, W):
 
 class DiT_Llama(nn.Module):
     def __init__(self, in_channels=1, input_size=28, patch_size=2, dim=256, n_layers=6, n_heads=4,
-                 num_classes=10, p_uncond=0.1, qk_norm=True, stem_channels=32, sdpa=True):
+                 num_classes=10, p_uncond=0.1, qk_norm=True, stem_channels=32, attention='sdpa'):
         super().__init__()
         assert input_size % patch_size == 0, f'input_size {input_size} must be divisible by patch_size {patch_size}'
         self.in_channels, self.input_size, self.patch_size, self.num_classes = in_channels, input_size, patch_size, num_classes
@@ -273,7 +184,7 @@ class DiT_Llama(nn.Module):
         self.x_embedder = nn.Linear(patch_size * patch_size * stem_channels, dim)
         self.t_embedder = TimestepEmbedder(dim)
         self.y_embedder = LabelEmbedder(num_classes, dim, p_uncond)
-        self.blocks = nn.ModuleList(TransformerBlock(dim, n_heads, qk_norm, sdpa) for _ in range(n_layers))
+        self.blocks = nn.ModuleList(TransformerBlock(dim, n_heads, qk_norm, attention) for _ in range(n_layers))
         self.final_layer = FinalLayer(dim, patch_size, in_channels)
         g = input_size // patch_size
         self.register_buffer('angles', rope_grid(g, g, dim // n_heads), persistent=False)
@@ -409,15 +320,16 @@ class ResNet(nn.Module):
     def forward(self, x, t, y=None):
         emb = F.silu(self.t_embedder(t))
         h = self.conv_in(x)
-        for conv, lin in zip(self.convs, self.embs):  # h + conv(silu(h * (1 + scale) + shift))
+        for conv, lin in zip(self.convs, self.embs):
             scale, shift = lin(emb)[:, :, None, None].chunk(2, dim=1)
-            h = h + conv(F.silu(torch.addcmul(shift, h, 1 + scale)))
+            h = h + conv(F.silu(h * (1 + scale) + shift))
         return self.conv_out(F.silu(h))
 
-def build_model(model_args, sdpa=True):
-    """The network a checkpoint's model_args describe: DiT-LLaMA's have `dim`, the ResNet's `width`, else a UNet."""
+def build_model(model_args, attention='sdpa'):
+    """The network a checkpoint's model_args describe: DiT-LLaMA's have `dim` (and take `attention`), the ResNet's
+    `width`, else a UNet."""
     if 'dim' in model_args:
-        return DiT_Llama(**model_args, sdpa=sdpa)
+        return DiT_Llama(**model_args, attention=attention)
     return ResNet(**model_args) if 'width' in model_args else UNet(**model_args)
 
 # =============================================================================
@@ -502,6 +414,185 @@ def update_ema(ema_model, model, decay):
     # ema <- decay * ema + (1 - decay) * w
     ema_p = list(ema_model.parameters())
     torch._foreach_lerp_(ema_p, [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_p)], 1 - decay)
+
+# =============================================================================
+# CPU kernels: DiT-LLaMA's attention and block, the same maths as Attention's 'math' path and TransformerBlock, with
+# forwards, backwards and forward-mode derivatives (for torch.func.jvp) written by hand, for training on a CPU.
+# Why: there, in bf16 above all, the attention's time goes less to its products than to passes over memory at a head
+# dimension of 16. Autograd's RMSNorm and RoPE read and write q and k about twice as often as their maths needs, and
+# a batch's L x L scores, written out three times forward and more backward, do not fit in the cache. So here RMSNorm
+# and RoPE are one function that keeps only what its backward needs; the softmax runs on chunks of images whose
+# scores stay in the cache, takes its exponentials in base 2 straight from the product, gets the row sums from the
+# same product as the output, and its backward uses sum_j p_j dp_j = dy . y; the whole layer runs eager under
+# torch.compile; the block's modulation and gated residuals are one fused kernel each. pick_attention says where they
+# are used, tests/test_kernels.py that they equal the plain path in outputs and derivatives, docs/performance.md what
+# each choice measured.
+
+def pick_attention(attention, device_type, dtype):
+    """The `attention` setting of the scripts -> Attention's path. auto: the kernels on a CPU, fastest in bf16 and as
+    fast as SDPA in fp32, where SDPA's CPU kernel has no forward-mode derivative (torch.func.jvp) and they do; SDPA on
+    CUDA."""
+    if attention != 'auto':
+        return attention
+    return 'sdpa' if device_type == 'cuda' else 'kernels'
+
+def kernel_block(block, x, c, angles):
+    """TransformerBlock.forward with modulate and the gated residuals x + gate * f as one addcmul each."""
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.adaLN_modulation(c)[:, None].chunk(6, dim=-1)
+    x = torch.addcmul(x, gate_msa, block.attn(torch.addcmul(shift_msa, block.norm1(x), 1 + scale_msa), angles))
+    return torch.addcmul(x, gate_mlp, block.mlp(torch.addcmul(shift_mlp, block.norm2(x), 1 + scale_mlp)))
+
+@torch.compiler.disable  # eager under torch.compile, all of the layer: the hand-written backwards run slower compiled,
+def kernel_attention(attn, x, angles):  # and compiled q/k/v copies around an eager core cost what compiling gains
+    """Attention.forward by the kernels below. 1/sqrt(d) and log2 e ride on q's rotation, a complex factor of that
+    modulus, so that neither q nor the scores get a pass of their own."""
+    B, L, D = x.shape  # q, k, v: [B, heads, L, head_dim], copied once into that order (not copied per product)
+    q, k, v = attn.qkv(x).view(B, L, 3, attn.n_heads, attn.head_dim).permute(2, 0, 3, 1, 4).contiguous()
+    scale = attn.head_dim ** -0.5 * math.log2(math.e)  # scores in base 2: softmax(s) = 2^(s log2 e) / sum
+    rot_q, rot_k = torch.polar(torch.full_like(angles, scale), angles), torch.polar(torch.ones_like(angles), angles)
+    if isinstance(attn.q_norm, nn.RMSNorm):
+        # |q k^T| <= |q| |k| <= d scale max|w_q| max|w_k| (RMSNorm: |x / rms(x)| = sqrt(d)): below 100, 2^(q k^T) can
+        # neither overflow nor vanish and no row max is needed; above, it is subtracted
+        bound = attn.head_dim * scale * attn.q_norm.weight.abs().max() * attn.k_norm.weight.abs().max()
+        q, k, sub_max = norm_rope(q, attn.q_norm, rot_q), norm_rope(k, attn.k_norm, rot_k), bool(bound >= 100)
+    else:
+        q, k, sub_max = rotate(q, rot_q), rotate(k, rot_k), True
+    images = max(1, 2 ** 21 // (attn.n_heads * L ** 2)) if x.device.type == 'cpu' else B  # 2^21 scores a chunk
+    y = ExplicitAttention.apply(q, k, v, images, sub_max)[0]
+    return attn.proj(y.reshape(B, L, D))  # y: [B, L, heads, head_dim]
+
+def rotate(x, rot):
+    """RoPE with its factor: pairs (x[2i], x[2i+1]) as complex numbers times rot [L, head_dim/2], in fp32."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
+
+def norm_rope(x, norm, rot):
+    """rotate(RMSNorm(x)) for q or k [B, heads, L, d] by NormRoPEFunction, on a CPU in chunks of images whose fp32
+    copies (2 MB) stay in the cache."""
+    images = max(1, 2 ** 19 // x[0].numel()) if x.device.type == 'cpu' else len(x)
+    return NormRoPEFunction.apply(x, norm.weight, rot, norm.eps, images)[0]
+
+class NormRoPEFunction(torch.autograd.Function):
+    """y = rot (x_hat w), x_hat = x / rms(x), rms(x) = sqrt(mean(x^2) + eps) over the last dim, in fp32, returned in
+    x's dtype; rot [L, d/2], a constant, multiplies consecutive pairs as complex numbers. The forward keeps only x_hat
+    and 1 / rms (returned beside y for the backward and the jvp); the backward makes one pass per chunk."""
+    @staticmethod
+    def forward(x, w, rot, eps, images):
+        f32 = torch.promote_types(x.dtype, torch.float32)
+        y, x_hat = torch.empty_like(x), torch.empty_like(x, dtype=f32)
+        inv_rms = x.new_empty(x.shape[:-1] + (1,), dtype=f32)
+        for i in range(0, len(x), images):
+            xf, r = x[i:i + images].to(f32), inv_rms[i:i + images]
+            torch.rsqrt(torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps), out=r)
+            torch.mul(xf, r, out=x_hat[i:i + images])
+            y[i:i + images] = torch.view_as_real(torch.view_as_complex((x_hat[i:i + images] * w).unflatten(-1, (-1, 2))) * rot).flatten(-2)
+        return y, x_hat, inv_rms
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        (_, w, rot, _, ctx.images), (y, x_hat, inv_rms) = inputs, output
+        ctx.mark_non_differentiable(x_hat, inv_rms)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x_hat, inv_rms, w, rot)
+        ctx.save_for_forward(x_hat, inv_rms, w, rot)
+        ctx.y_dtype = y.dtype
+
+    @staticmethod
+    def backward(ctx, dy, *_):
+        # with g = conj(rot) dy (dy rotated back): dw = sum g x_hat, dx = (g w - x_hat mean(g w x_hat)) / rms(x)
+        (x_hat, inv_rms, w, rot), images = ctx.saved_tensors, ctx.images
+        dx, dw = torch.empty_like(dy), torch.zeros_like(w)
+        for i in range(0, len(x_hat), images):
+            xh = x_hat[i:i + images]
+            g = torch.view_as_complex(dy[i:i + images].to(xh.dtype).contiguous().unflatten(-1, (-1, 2))) * rot.conj()
+            g = torch.view_as_real(g).flatten(-2)
+            g_xh = g * xh
+            dw += g_xh.sum(dim=tuple(range(xh.dim() - 1)))
+            mean_gw_xh = (g_xh @ w).unsqueeze(-1).div_(xh.shape[-1])
+            torch.mul(torch.addcmul(g.mul_(w), xh, mean_gw_xh, value=-1), inv_rms[i:i + images], out=dx[i:i + images])
+        return dx, dw, None, None, None
+
+    @staticmethod
+    def jvp(ctx, dx, dw, *_):
+        # forward mode, in one piece: dx_hat = (dx - x_hat mean(x_hat dx)) / rms(x), dy = rot (dx_hat w + x_hat dw)
+        x_hat, inv_rms, w, rot = ctx.saved_tensors
+        d = torch.zeros_like(x_hat)
+        if dx is not None:
+            dx = dx.to(x_hat.dtype)
+            d += (dx - x_hat * (x_hat * dx).mean(-1, keepdim=True)) * inv_rms * w
+        if dw is not None:
+            d += x_hat * dw
+        dy = torch.view_as_real(torch.view_as_complex(d.unflatten(-1, (-1, 2))) * rot).flatten(-2)
+        return dy.to(ctx.y_dtype), None, None
+
+class ExplicitAttention(torch.autograd.Function):
+    """y = softmax(q k^T ln 2) v for q, k, v [B, heads, L, d] (base 2: the caller folds log2 e into q), returned as
+    [B, L, heads, d], `images` images at a time. Forward: e = 2^(q k^T) (minus the row max if sub_max), then
+    e [v, 1] = [e v, sum(e)], one pass over e where softmax takes two, and y = e v / sum(e); [v, 1], e and sum(e) are
+    returned beside y for the backward and the jvp. The row-wise divisions run in fp32 (in bf16, broadcast along rows
+    of d, they are slow on a CPU)."""
+    @staticmethod
+    def forward(q, k, v, images, sub_max):
+        d, f32 = v.shape[-1], torch.promote_types(v.dtype, torch.float32)
+        y, exps, row_sums = q.new_empty(q.shape[0], q.shape[2], q.shape[1], d), [], []
+        v1 = torch.cat([v, torch.ones_like(v[..., :1])], -1)
+        for i in range(0, q.shape[0], images):
+            s = q[i:i + images] @ k[i:i + images].transpose(-2, -1)
+            if sub_max:
+                s -= s.amax(dim=-1, keepdim=True)
+            exps.append(s.exp2_())
+            ev_and_sum = (exps[-1] @ v1[i:i + images]).to(f32)  # [e v, sum(e)]
+            row_sums.append(ev_and_sum[..., d:].contiguous())  # a copy: a view would keep all of ev_and_sum alive
+            y[i:i + images] = (ev_and_sum[..., :d] / row_sums[-1]).transpose(1, 2)
+        return (y, v1, *exps, *row_sums)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        (q, k, _, ctx.images, _), (y, v1, *saved) = inputs, output
+        ctx.mark_non_differentiable(v1, *saved)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(q, k, v1, y, *saved)
+        ctx.save_for_forward(q, k, v1, y, *saved)
+
+    @staticmethod
+    def backward(ctx, dy, *_):
+        # p = e / sum(e), dp = dy v^T, and per row D = sum_j p_j dp_j = dy . y. Scores in base 2:
+        # ds = ln2 p (dp - D) = e * ([dy', -D'] [v, 1]^T) with dy' = dy ln2 / sum(e), D' = D ln2 / sum(e);
+        # dq = ds k, dk = ds^T q, dv = p^T dy = e^T (dy / sum(e))
+        (q, k, v1, y, *saved), images = ctx.saved_tensors, ctx.images
+        exps, row_sums = saved[:len(saved) // 2], saved[len(saved) // 2:]
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v1[..., :-1])
+        dy_heads = dy.transpose(1, 2)  # [B, heads, L, d], as q, k, v
+        D = (dy * y).sum(dim=-1, dtype=row_sums[0].dtype).transpose(1, 2).unsqueeze(-1)  # [B, heads, L, 1]
+        for e, row_sum, i in zip(exps, row_sums, range(0, q.shape[0], images)):
+            j = slice(i, i + images)
+            dy_over_sum = dy_heads[j].to(row_sum.dtype, memory_format=torch.contiguous_format) / row_sum
+            dy_and_D = torch.cat([dy_over_sum, -D[j] / row_sum], -1).mul_(math.log(2)).to(q.dtype)  # [dy', -D']
+            ds = (dy_and_D @ v1[j].transpose(-2, -1)).mul_(e)
+            dq[j] = ds @ k[j]
+            dk[j] = (q[j].transpose(-2, -1) @ ds).transpose(-2, -1)  # dk^T = q^T ds
+            dv[j] = (dy_over_sum.to(q.dtype).transpose(-2, -1) @ e).transpose(-2, -1)  # dv^T = (dy / sum(e))^T e
+        return dq, dk, dv, None, None
+
+    @staticmethod
+    def jvp(ctx, dq, dk, dv, *_):
+        # forward mode: ds = dq k^T + q dk^T, de = ln2 e ds, so with p = e / sum(e)
+        # dy = ln2 ((p ds) v - sum_j (p ds) y) + p dv, the first two terms from one product (e ds) [v, 1]
+        (q, k, v1, y, *saved), images = ctx.saved_tensors, ctx.images
+        exps, row_sums = saved[:len(saved) // 2], saved[len(saved) // 2:]
+        d, dy = v1.shape[-1] - 1, torch.zeros_like(y)
+        for e, row_sum, i in zip(exps, row_sums, range(0, q.shape[0], images)):
+            j = slice(i, i + images)
+            dy_sum = torch.zeros_like(row_sum).expand(*row_sum.shape[:-1], d)  # sum(e) dy, in fp32
+            if dq is not None or dk is not None:
+                ds = 0 if dq is None else dq[j] @ k[j].transpose(-2, -1)
+                ds = ds if dk is None else ds + q[j] @ dk[j].transpose(-2, -1)
+                eds_v1 = ((e * ds) @ v1[j]).to(row_sum.dtype) * math.log(2)  # ln2 [(e ds) v, sum(e ds)]
+                dy_sum = dy_sum + eds_v1[..., :d] - eds_v1[..., d:] * y[j].transpose(1, 2)
+            if dv is not None:
+                dy_sum = dy_sum + e @ dv[j]
+            dy[j] = (dy_sum / row_sum).transpose(1, 2)
+        return (dy, *[None] * (1 + len(saved)))
 
 # =============================================================================
 # What the scripts share: one-line errors, devices and processes, data and batches, the training loop's
@@ -946,14 +1037,14 @@ def resume_checkpoint(path, expect, model_args, given):
             f'another --out_dir')
     return ckpt
 
-def load_flow_model(path, device='cpu', use_ema=True, sdpa=True):
+def load_flow_model(path, device='cpu', use_ema=True, attention='sdpa'):
     """(The flow model rebuilt from model_args, EMA weights by default, in eval mode; the checkpoint), or die."""
     ckpt = load_checkpoint(path, ': pass --out_dir=DIR of a training run or --ckpt=PATH')
     if not ckpt['model_args'].get('time_cond', True):
         die(f'{path} is a one-step denoiser (no time input), not a flow model: use a checkpoint of '
             f'train_flow_unet.py, train_class_cfg.py or train_dit.py')
     try:
-        model = build_model(ckpt['model_args'], sdpa)
+        model = build_model(ckpt['model_args'], attention)
         model.load_state_dict(ckpt['ema'] if use_ema and ckpt.get('ema') else ckpt['model'])
     except (TypeError, RuntimeError, AssertionError) as e:  # model_args a network does not take, weights of another
         die(f'{path}: its weights do not fit its model_args ({type(e).__name__}): it is damaged or not a nanoflow '

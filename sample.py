@@ -17,8 +17,8 @@ import time
 import numpy as np
 import torch
 
-from model import (NFE_PER_STEP, check_choices, check_out_dir, die, load_flow_model, sample, save_grid,
-                   save_labelled_grid, setup_precision, to_uint8, use_sdpa)
+from model import (NFE_PER_STEP, check_choices, check_out_dir, die, load_flow_model, pick_attention, sample,
+                   save_grid, save_labelled_grid, setup_precision, to_uint8)
 
 # -----------------------------------------------------------------------------
 out_dir = 'out/dit_mnist'
@@ -38,7 +38,7 @@ use_ema = True
 seed = 0
 device = 'auto'
 dtype = 'bfloat16'  # bfloat16 (autocast) | float32: bf16 samples match fp32 ones (bench.py --sample_check)
-attention = 'auto'  # sdpa | math (explicit softmax) | auto: math for bf16 on a CPU, else sdpa (as train_dit.py)
+attention = 'auto'  # sdpa | math (softmax written out) | kernels (CPU kernels) | auto: as model.pick_attention says
 config_domains = dict(  # each number's domain: a kind of configurator.py (count >= 1, count0 >= 0, ...) or a range
     steps='count', cfg='nonneg', shift='positive', per_class='size', class_label=(-1, 10 ** 7), num_samples='count0',
     batch_size='count', seed='seed')
@@ -56,7 +56,7 @@ if sweep not in ('', 'steps', 'cfg'):
     die(f"unknown sweep {sweep!r}: choose steps or cfg")
 if save_npz and num_samples < 1:
     die('--save_npz needs --num_samples=N (N >= 1)')
-check_choices(dtype=(dtype, ('bfloat16', 'float32')), attention=(attention, ('auto', 'sdpa', 'math')),
+check_choices(dtype=(dtype, ('bfloat16', 'float32')), attention=(attention, ('auto', 'sdpa', 'math', 'kernels')),
               device=(device, ('auto', 'cpu', 'cuda')))
 device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
 if device == 'cuda' and not torch.cuda.is_available():
@@ -66,7 +66,7 @@ if save_npz:
     check_out_dir(os.path.dirname(os.path.abspath(save_npz)), 'save_npz')
 ctx, dtype = setup_precision(device, dtype)  # TF32 on GPUs; bf16 autocast where the device has it
 ckpt_path = ckpt or os.path.join(out_dir, 'ckpt.pt')
-model, _ = load_flow_model(ckpt_path, device, use_ema, sdpa=use_sdpa(attention, device.split(':')[0], dtype))
+model, _ = load_flow_model(ckpt_path, device, use_ema, attention=pick_attention(attention, device.split(':')[0], dtype))
 num_classes = model.num_classes
 conditional = num_classes > 0
 if not conditional and cfg is not None:

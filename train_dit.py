@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from model import (Batches, DATASETS, DiT_Llama, Progress, RectifiedFlow, check_choices, check_out_dir, cosine_lr, die,
                    load_training_set, plot_loss, resume_checkpoint, rng_states, sample, save_checkpoint, save_grid,
                    set_rng_states, setup_distributed, setup_precision, start_log, teardown_distributed, update_ema,
-                   use_sdpa)
+                   pick_attention)
 
 # -----------------------------------------------------------------------------
 # default config: the GPU recipe for MNIST (config/dit_mnist.py); the dataset's preset goes over these
@@ -78,7 +78,7 @@ stem_channels = 32
 device = 'auto'  # auto | cpu | cuda
 dtype = 'bfloat16'  # bfloat16 (autocast) | float32
 compile = True  # torch.compile the training step (on a CPU it needs a C++ compiler; without one the run is eager)
-attention = 'auto'  # sdpa | math (explicit softmax) | auto: math for bf16 on a CPU, else sdpa (bench.py)
+attention = 'auto'  # sdpa | math (softmax written out) | kernels (CPU kernels) | auto: as model.pick_attention says
 preset = 'auto'  # the dataset's recipe under config files and --key=value: auto (by the device) | gpu | cpu | none
 config_domains = dict(  # each number's domain: a kind of configurator.py (count >= 1, count0 >= 0, ...) or a range
     image_size=(0, 4096), log_interval='count', sample_interval='count0', ckpt_interval='count', eval_interval='count0',
@@ -110,7 +110,7 @@ config = {k: globals()[k] for k in config_keys}
 JUDGES = ('mnist', 'fashion_mnist', 'cifar10')  # evaluate.py's classifiers (its RECIPES)
 check_choices(dataset=(dataset, DATASETS), dtype=(dtype, ('bfloat16', 'float32')),
               device=(device, ('auto', 'cpu', 'cuda')), init_from=(init_from, ('scratch', 'resume')),
-              attention=(attention, ('auto', 'sdpa', 'math')),
+              attention=(attention, ('auto', 'sdpa', 'math', 'kernels')),
               t_sampling=(t_sampling, ('logit_normal', 'uniform', 'mode')),
               judge=(judge, ('', *JUDGES)), preset=(preset, ('auto', 'gpu', 'cpu', 'none')))
 if eval_interval and (judge or dataset) not in JUDGES:
@@ -160,7 +160,7 @@ if H != W or H % model_args['patch_size']:
     die(f'images are {H}x{W}: they must be square with a side divisible by patch_size {model_args["patch_size"]}')
 if model_args['dim'] % model_args['n_heads'] or model_args['dim'] // model_args['n_heads'] % 4:
     die(f'dim {model_args["dim"]} / n_heads {model_args["n_heads"]} must be a whole multiple of 4 (2D RoPE)')
-model = DiT_Llama(**model_args, sdpa=use_sdpa(attention, device_type, dtype)).to(device)
+model = DiT_Llama(**model_args, attention=pick_attention(attention, device_type, dtype)).to(device)
 ema = copy.deepcopy(model).eval().requires_grad_(False)
 optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay,
                               fused=True)  # one fused kernel for the whole update, on CPU and GPU

@@ -108,13 +108,13 @@ def label_rows_trained(out_dir):
 
 def ema_grid(out_dir, z, y, steps, cfg, nrow):
     """The grey uint8 grid save_grid writes for a run's EMA samples from z, sampled as the training scripts do (bf16
-    autocast; DiT: explicit attention on the CPU; UNet: channels-last), on one thread so the numbers repeat."""
+    autocast; DiT: the CPU kernels' attention; UNet: channels-last), on one thread so the numbers repeat."""
     import torch
     from torchvision.utils import make_grid
     from model import build_model, load_checkpoint, sample
     ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
     dit = 'dim' in ckpt['model_args']
-    model = build_model(ckpt['model_args'], sdpa=False)
+    model = build_model(ckpt['model_args'], attention='kernels')
     model.load_state_dict(ckpt['ema'])
     fmt = torch.contiguous_format if dit else torch.channels_last
     model = model.eval().to(memory_format=fmt)

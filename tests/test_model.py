@@ -3,18 +3,19 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from model import (Attention, DiT_Llama, ExplicitAttention, FinalLayer, LabelEmbedder, NormRoPEFunction, TransformerBlock,
-                   apply_rope, modulate, patchify, rope_angles, rope_grid, timestep_embedding, unpatchify, update_ema, UNet)
+from model import (Attention, DiT_Llama, FinalLayer, LabelEmbedder, TransformerBlock, apply_rope, modulate, patchify,
+                   rope_angles, rope_grid, timestep_embedding, unpatchify, update_ema, UNet)
 
 
 def test_modulate_is_scale_then_shift_per_sample():
     x = torch.randn(3, 5, 8)
-    shift, scale = torch.randn(3, 8), torch.randn(3, 8)
+    shift, scale = torch.randn(3, 1, 8), torch.randn(3, 1, 8)  # one per sample, broadcast over the 5 tokens
     out = modulate(x, shift, scale)
     for b in range(3):
         assert torch.allclose(out[b], x[b] * (1 + scale[b]) + shift[b])
-    assert torch.equal(modulate(x, torch.zeros(3, 8), torch.zeros(3, 8)), x)
+    assert torch.equal(modulate(x, torch.zeros(3, 1, 8), torch.zeros(3, 1, 8)), x)
 
 
 def test_token_drop_uses_null_class():
@@ -62,16 +63,15 @@ def test_rope_scores_depend_only_on_relative_position():
     a = rope_grid(4, 4, hd)
     x = torch.randn(2, 16, hd)
     assert torch.allclose(apply_rope(x, a).norm(dim=-1), x.norm(dim=-1), atol=1e-5)
-    assert torch.allclose(apply_rope(x, a, 0.25).norm(dim=-1), 0.25 * x.norm(dim=-1), atol=1e-5)  # and scale
 
 
 @pytest.mark.parametrize('norm_weight', [1.0, 20.0])  # 20: scores up to ~1000, past 2^128 without the row max
 def test_attention_is_the_textbook_softmax_of_scaled_scores(norm_weight):
-    """Against softmax(q k^T / sqrt(d)) v written out, RMSNorm by hand: q's 1/sqrt(d), folded into its rotation in
-    Attention, is applied exactly once, in both the explicit and the SDPA path; the explicit path's exponentials
-    without the row max are taken only where the norms' weights bound the scores (else they overflow)."""
+    """Every path against softmax(q k^T / sqrt(d)) v written out here, RMSNorm by hand: 1/sqrt(d) applied exactly
+    once (SDPA's own default scale; the kernels fold it into q's rotation), and the kernels' exponentials without
+    the row max taken only where the norms' weights bound the scores (else they overflow)."""
     torch.manual_seed(0)
-    att = Attention(32, 4, sdpa=False)
+    att = Attention(32, 4)
     with torch.no_grad():
         att.q_norm.weight.uniform_(0.5, 1.5).mul_(norm_weight)
         att.k_norm.weight.uniform_(0.5, 1.5).mul_(norm_weight)
@@ -81,33 +81,22 @@ def test_attention_is_the_textbook_softmax_of_scaled_scores(norm_weight):
     q, k = apply_rope(rms(q, att.q_norm.weight), angles), apply_rope(rms(k, att.k_norm.weight), angles)
     y = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(8), dim=-1) @ v
     ref = att.proj(y.transpose(1, 2).reshape(2, 16, 32))
-    for sdpa in (False, True):
-        att.sdpa = sdpa
-        assert torch.allclose(att(x, angles), ref, atol=1e-5 * norm_weight)
+    for attention in ('math', 'sdpa', 'kernels'):
+        att.attention = attention
+        assert torch.allclose(att(x, angles), ref, atol=1e-5 * norm_weight), attention
 
 
-def test_hand_written_backwards_match_finite_differences():
-    """The two autograd Functions with a backward by hand, checked in float64 against finite differences: the explicit
-    attention in chunks that do not divide the batch (3 images, 2 at a time), with and without the row max, and RMSNorm + RoPE with a scale, in chunks."""
+def test_attention_gradients_agree_between_sdpa_and_math():
+    """SDPA and the written-out softmax give the same gradients for the input and every weight (the kernels against
+    the written-out form: test_kernels.py)."""
     torch.manual_seed(0)
-    q, k, v = (torch.randn(3, 2, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    for sub_max in (False, True):
-        assert torch.autograd.gradcheck(lambda a, b, c: ExplicitAttention.apply(a, b, c, 2, sub_max), (q, k, v))
-    x, w = torch.randn(2, 3, 6, 8, dtype=torch.float64, requires_grad=True), torch.randn(8, dtype=torch.float64, requires_grad=True)
-    rot = torch.polar(torch.full((6, 4), 0.7, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64))
-    assert torch.autograd.gradcheck(lambda a, b: NormRoPEFunction.apply(a, b, rot, 1e-6, 1), (x, w))  # 1 image a chunk
-
-
-def test_attention_gradients_agree_between_paths():
-    """Explicit (hand-written backward) and SDPA (autograd) give the same gradients for the input and every weight."""
-    torch.manual_seed(0)
-    att, angles = Attention(32, 4, sdpa=False), rope_grid(4, 4, 8)
+    att, angles = Attention(32, 4), rope_grid(4, 4, 8)
     with torch.no_grad():
         att.q_norm.weight.uniform_(0.5, 1.5)
     x = torch.randn(5, 16, 32, requires_grad=True)
     grads = []
-    for sdpa in (False, True):
-        att.sdpa, x.grad = sdpa, None
+    for attention in ('math', 'sdpa'):
+        att.attention, x.grad = attention, None
         att.zero_grad()
         att(x, angles).square().sum().backward()
         grads.append([x.grad.clone()] + [p.grad.clone() for p in att.parameters()])
@@ -115,13 +104,34 @@ def test_attention_gradients_agree_between_paths():
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_sdpa_equals_explicit_softmax_attention():
+def test_block_is_its_equations():
+    """x + gate_msa * attn(modulate(norm1(x), shift_msa, scale_msa)), then the same with the MLP, the six vectors
+    from c in DiT's order, the norms LayerNorm without weights; written out here from the block's layers."""
     torch.manual_seed(0)
-    a, b = Attention(32, 4, sdpa=True), Attention(32, 4, sdpa=False)
-    b.load_state_dict(a.state_dict())
-    x = torch.randn(2, 16, 32)
-    angles = rope_grid(4, 4, 8)
-    assert torch.allclose(a(x, angles), b(x, angles), atol=1e-5)
+    block, angles = TransformerBlock(32, 4, attention='math'), rope_grid(4, 4, 8)
+    with torch.no_grad():
+        for p in block.adaLN_modulation.parameters():  # away from AdaLN-Zero's init (the identity)
+            p.normal_(std=0.3)
+    x, c = torch.randn(2, 16, 32), torch.randn(2, 32)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+        u[:, None] for u in block.adaLN_modulation[1](F.silu(c)).chunk(6, dim=-1))
+    ln = lambda h: F.layer_norm(h, (32,), eps=1e-6)
+    h = x + gate_msa * block.attn(ln(x) * (1 + scale_msa) + shift_msa, angles)
+    out = h + gate_mlp * block.mlp(ln(h) * (1 + scale_mlp) + shift_mlp)
+    assert (out - x).abs().mean() > 0.1
+    assert torch.allclose(block(x, c, angles), out, atol=1e-6)
+
+
+def test_dit_weights_keep_their_checkpoint_names_on_every_path():
+    """Checkpoints name the attention's weights qkv, proj, q_norm and k_norm (qk_norm=False: no norm weights); every
+    attention path has the same state_dict, so a checkpoint trained on one loads into any other."""
+    for qk_norm in (True, False):
+        names = [set(DiT_Llama(1, 8, 2, 32, 1, 4, 10, qk_norm=qk_norm, stem_channels=8, attention=a).state_dict())
+                 for a in ('sdpa', 'math', 'kernels')]
+        attn = {n for n in names[0] if '.attn.' in n}
+        norms = {'blocks.0.attn.q_norm.weight', 'blocks.0.attn.k_norm.weight'} if qk_norm else set()
+        assert attn == {'blocks.0.attn.qkv.weight', 'blocks.0.attn.proj.weight'} | norms
+        assert names[0] == names[1] == names[2]
 
 
 def test_adaln_zero_block_is_identity_at_init():
@@ -237,12 +247,12 @@ def test_update_ema_rule_on_numbers():
     assert all(torch.equal(q, torch.ones_like(q)) for q in w.parameters())  # the trained weights are not touched
 
 
-@pytest.mark.parametrize('sdpa', [False, True])
-def test_compiled_dit_trains_like_eager(sdpa):
-    """torch.compile (train_dit.py --compile=True) gives eager's output and gradients; the explicit attention layer runs
-    eager inside the compiled model, SDPA's is compiled through."""
+@pytest.mark.parametrize('attention', ['kernels', 'math', 'sdpa'])
+def test_compiled_dit_trains_like_eager(attention):
+    """torch.compile (train_dit.py --compile=True) gives eager's output and gradients; the kernels' attention layer runs
+    eager inside the compiled model, the written-out and SDPA paths are compiled through."""
     torch.manual_seed(0)
-    model = DiT_Llama(1, 8, 2, 32, 2, 4, 10, stem_channels=8, sdpa=sdpa).eval()  # eval: no random label dropout
+    model = DiT_Llama(1, 8, 2, 32, 2, 4, 10, stem_channels=8, attention=attention).eval()  # eval: no label dropout
     with torch.no_grad():
         for p in model.parameters():  # away from AdaLN-Zero's init, where most gradients are exactly zero
             p.add_(0.05 * torch.randn_like(p))

@@ -1,5 +1,5 @@
-"""What the scripts share (model.py's last section): the resize-once data path, the per-device-and-dtype attention
-choice, device-side loss bookkeeping, the CPU-pinned test environment."""
+"""What the scripts share (model.py's last section): the resize-once data path, device-side loss bookkeeping, the
+CPU-pinned test environment."""
 import os
 import subprocess
 import sys
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import Batches, Progress, load_dataset, load_training_set, use_sdpa
+from model import Batches, Progress, load_dataset, load_training_set
 
 
 def test_resize_once_gives_the_batches_of_resizing_every_batch(mnist_dir):
@@ -35,29 +35,6 @@ def test_batches_flip_on_the_device_where_the_images_live(mnist_dir):
     flipped = [torch.equal(a, b.flip(2)) and not torch.equal(a, b) for a, b in zip(xb, plain)]
     same = [torch.equal(a, b) for a, b in zip(xb, plain)]
     assert all(f or s for f, s in zip(flipped, same)) and 15 < sum(flipped) < 49  # about half, each exactly mirrored
-
-
-@pytest.mark.parametrize('attention,device,dtype,expect', [
-    ('auto', 'cpu', 'float32', True),     # fp32 on a CPU: SDPA, as fast as the explicit form, faster sampling
-    ('auto', 'cpu', 'bfloat16', False),   # bf16 on a CPU: the explicit form in cache-sized chunks, faster than SDPA
-    ('auto', 'cuda', 'bfloat16', True),
-    ('auto', 'cuda', 'float32', True),
-    ('math', 'cuda', 'float32', False),
-    ('sdpa', 'cpu', 'bfloat16', True)])
-def test_attention_choice_per_device_and_dtype(attention, device, dtype, expect):
-    assert use_sdpa(attention, device, dtype) is expect
-
-
-def test_chunked_explicit_attention_equals_sdpa():
-    """On a CPU the explicit form runs in chunks of the batch (so its L x L scores stay in cache): the same numbers."""
-    from model import Attention, rope_grid
-    torch.manual_seed(0)
-    att = Attention(32, 2)
-    x, angles = torch.randn(600, 64, 32), rope_grid(8, 8, 16)  # L = 64: chunks of 2 ** 21 // (2 * 64 * 64) = 256
-    att.sdpa = True
-    a = att(x, angles)
-    att.sdpa = False
-    assert torch.allclose(att(x, angles), a, atol=1e-5)
 
 
 def test_progress_sums_on_the_device_and_stops_on_nan(capsys):

@@ -9,7 +9,7 @@ from PIL import Image
 from torchvision.utils import make_grid
 
 from conftest import run
-from model import load_flow_model, sample, to_uint8, use_sdpa
+from model import load_flow_model, pick_attention, sample, to_uint8
 
 
 def grid_size(n_rows, n_cols, side, pad=2):
@@ -42,7 +42,7 @@ def test_sample_every_flow_checkpoint(which, side, rows, request, tmp_path):
         assert d['arr_1'].tolist() == [i % 10 for i in range(23)]
     # the npz holds the model's samples: its first batch of 10, recomputed from sample.py's seeded noise as sample.py
     # draws them by default (bf16 autocast, attention auto), on one thread like the script under test
-    model, _ = load_flow_model(os.path.join(out, 'ckpt.pt'), sdpa=use_sdpa('auto', 'cpu', 'bfloat16'))
+    model, _ = load_flow_model(os.path.join(out, 'ckpt.pt'), attention=pick_attention('auto', 'cpu', 'bfloat16'))
     z = torch.randn(10, 1, side, side, generator=torch.Generator().manual_seed(1000))
     y = torch.arange(10) if which != 'flow_run' else None
     threads = torch.get_num_threads()

@@ -132,11 +132,11 @@ def test_resume_equals_uninterrupted_run(mnist_dir, tmp_path):
 
 
 def test_compiled_default_trains_as_eager_and_falls_back_without_a_compiler(mnist_dir, tmp_path):
-    """train_dit.py compiles by default: in fp32 its losses over 4 steps are eager's (the explicit attention runs eager
+    """train_dit.py compiles by default: in fp32 its losses over 4 steps are eager's (the kernels' attention runs eager
     inside the compiled model; Adam turns the rounding noise of gradients that are zero in exact arithmetic, such as a
     bias before a per-channel GroupNorm, into lr-sized steps, so not every weight is compared) and the checkpoint loads
     into a plain model; with no C++ compiler the run is eager."""
-    common = [f'--data_dir={mnist_dir}', '--batch_size=32', '--max_iters=4', '--dtype=float32', '--attention=math',
+    common = [f'--data_dir={mnist_dir}', '--batch_size=32', '--max_iters=4', '--dtype=float32', '--attention=kernels',
               '--compile=True', '--p_uncond=0', *TINY_DIT]  # no label dropout: compiled code draws its own random numbers
     a, b = str(tmp_path / 'compiled'), str(tmp_path / 'no_cxx')
     pa = run('train_dit.py', f'--out_dir={a}', *common)

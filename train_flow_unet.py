@@ -127,7 +127,8 @@ optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(beta1
 if ckpt is not None:
     model.load_state_dict(ckpt['model'])
     ema.load_state_dict(ckpt['ema'])
-    optimizer.load_state_dict(ckpt['optimizer'])
+    optimizer.load_state_dict(ckpt['optimizer'])  # Adam's moments; its betas and weight decay: this run's settings
+    optimizer.param_groups[0].update(betas=(beta1, beta2), weight_decay=weight_decay)
     set_rng_states(ckpt['rng'], rank, world_size, seed + rank + iter_num)
     del ckpt
 train_model = torch.compile(model) if compile else model

@@ -3,6 +3,7 @@ every train script that has it. Each script runs in this process for a few itera
 functions and classes it hands its settings to wrapped to record what they receive; every setting is given a value
 other than the script's default, so a script that drops one (and uses a default or a literal) fails."""
 import os
+import shutil
 import sys
 
 import pytest
@@ -70,9 +71,10 @@ def received(monkeypatch):
 
 def train(script, mnist_dir, out, capsys, monkeypatch, *args):
     monkeypatch.setattr(sys, 'excepthook', sys.excepthook)  # put back after the script's own
-    code, _, err = run_here(script, [f'--data_dir={mnist_dir}', f'--out_dir={out}', *TINY.get(script, TINY_UNET),
+    code, stdout, err = run_here(script, [f'--data_dir={mnist_dir}', f'--out_dir={out}', *TINY.get(script, TINY_UNET),
                                      '--dtype=float32', *args], capsys, monkeypatch)
     assert code in (0, None), err
+    return stdout
 
 
 def defaults(script):
@@ -118,3 +120,17 @@ def test_resume_hands_the_optimizer_its_state_and_this_runs_betas(script, mnist_
           '--beta2=0.95', '--weight_decay=0.03')
     (s,) = received['step']
     assert s['state_step'] == 2.0 and s['betas'] == (0.8, 0.95) and s['weight_decay'] == 0.03, s
+
+
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_compile_reaches_torch_compile_and_falls_back_alike(script, mnist_dir, tmp_path, capsys, monkeypatch):
+    """--compile=True compiles the training model; with no C++ compiler on a CPU every script runs eager, with one note."""
+    compiled = []
+    monkeypatch.setattr(torch, 'compile', lambda m, *a, **k: compiled.append(type(m).__name__) or m)
+    if shutil.which(os.environ.get('CXX') or 'g++'):
+        stdout = train(script, mnist_dir, tmp_path / 'a', capsys, monkeypatch, '--max_iters=1', '--compile=True')
+        assert len(compiled) == 1 and 'needs a C++ compiler' not in stdout
+    compiled.clear()
+    monkeypatch.setenv('CXX', str(tmp_path / 'no-such-compiler'))
+    stdout = train(script, mnist_dir, tmp_path / 'b', capsys, monkeypatch, '--max_iters=1', '--compile=True')
+    assert compiled == [] and stdout.count('torch.compile on a CPU needs a C++ compiler') == 1, stdout

@@ -694,6 +694,22 @@ def setup_precision(device, dtype, log=print):
     ctx = nullcontext() if dtype == 'float32' else torch.autocast(device.split(':')[0], dtype=torch.bfloat16)
     return ctx, dtype
 
+def compile_fallback(compile, device_type, log=print):
+    """Whether the training step can be compiled: on a CPU inductor needs a C++ compiler, and without one on PATH the
+    run is eager with one note. When compiling, two messages a user cannot act on are silenced: inductor looking for
+    CUDA on a CPU, and complex operations (the DiT's RoPE) left to eager."""
+    cxx = os.environ.get('CXX') or ('clang++' if sys.platform == 'darwin' else 'g++')  # the compiler inductor calls
+    if compile and device_type == 'cpu' and not shutil.which(cxx):
+        log(f'note: torch.compile on a CPU needs a C++ compiler and {cxx} is not on PATH: this run is eager '
+            f'(--compile=False)')
+        return False
+    if compile:
+        import logging
+        import warnings
+        logging.getLogger('torch.utils.cpp_extension').setLevel(logging.ERROR)
+        warnings.filterwarnings('ignore', message='Torchinductor does not support code generation for complex')
+    return compile
+
 def rng_states(ddp, world_size):
     """Every process's RNG state (gathered to each process), so a resumed DDP run draws the same noise."""
     state = {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if torch.cuda.is_available() else None}

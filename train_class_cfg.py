@@ -18,25 +18,25 @@ import os
 import time
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import (Batches, DATASETS, Progress, RectifiedFlow, UNet, check_choices, check_out_dir, cosine_lr, die,
-                   load_training_set, plot_loss, resume_checkpoint, rng_states, sample, save_checkpoint, save_grid,
-                   set_rng_states, setup_distributed, setup_precision, start_log, teardown_distributed, update_ema)
+from model import (Batches, DATASETS, Progress, RectifiedFlow, build_model, check_choices, check_out_dir,
+                   compile_fallback, cosine_lr, die, load_training_set, plot_loss, resume_checkpoint, rng_states,
+                   sample, save_checkpoint, save_grid, set_rng_states, setup_distributed, setup_precision, start_log,
+                   teardown_distributed, update_ema)
 
 # -----------------------------------------------------------------------------
 # I/O
 out_dir = 'out/class_cfg'
 data_dir = 'data'
 dataset = 'mnist'  # mnist | fashion_mnist | cifar10 | folder
-image_size = 32  # resize every image to image_size x image_size (0: as stored; a folder: 32)
+image_size = 32  # resize every image to image_size x image_size (0: as stored); 32: UNet levels 32, 16, 8 (the DiT: 28)
 download = True
 skip_bad_images = False  # a folder: leave out files that are not whole images (a note counts them)
 init_from = 'scratch'  # 'scratch' or 'resume'
 log_interval = 50
-ckpt_interval = 500
-sample_epochs = (1, 5, 10)  # write a sample grid after these epochs
+ckpt_interval = 1000
+sample_epochs = (1, 5, 10)  # write a sample grid after these epochs (train_dit.py: by iterations)
 # training
 batch_size = 128
 max_iters = 0  # 0: run `epochs` epochs
@@ -50,6 +50,7 @@ beta1 = 0.9
 beta2 = 0.99
 grad_clip = 1.0
 ema_decay = 0.999
+hflip = False  # random horizontal flips (CIFAR-10)
 seed = 1337
 # flow
 t_sampling = 'uniform'
@@ -63,7 +64,7 @@ n_res = 2  # ResBlocks per level (1 halves the cost: what the CPU runs in docs/r
 # system
 device = 'auto'
 dtype = 'bfloat16'
-compile = False
+compile = False  # unlike train_dit.py: its gain was measured for the DiT only (docs/performance.md)
 channels_last = True  # NHWC convolutions: faster with oneDNN on CPU and with cuDNN on GPU
 config_domains = dict(  # each number's domain: a kind of configurator.py (count >= 1, count0 >= 0, ...) or a range
     image_size=(0, 4096), log_interval='count', ckpt_interval='count', sample_epochs='count',  # I/O
@@ -87,6 +88,7 @@ ddp, rank, local_rank, world_size, device = setup_distributed(device, batch_size
 master, device_type = rank == 0, ('cuda' if device.startswith('cuda') else 'cpu')
 log = print if master else (lambda *a, **k: None)
 ctx, dtype = setup_precision(device, dtype, log)  # TF32 on GPUs; bf16 autocast where the device has it
+compile = compile_fallback(compile, device_type, log)  # no C++ compiler on a CPU: eager, with one note
 torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest convolutions
 torch.manual_seed(seed + rank)
 memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -94,7 +96,7 @@ memory_format = torch.channels_last if channels_last else torch.contiguous_forma
 # data: resized to image_size, in [-1, 1]
 x_all, y_all = load_training_set(dataset, data_dir, image_size, download, ddp, local_rank, device, skip_bad_images)
 C, S, num_classes = x_all.shape[1], x_all.shape[-1], int(y_all.max()) + 1
-batches = Batches(x_all, y_all, batch_size, world_size, rank, seed)
+batches = Batches(x_all, y_all, batch_size, world_size, rank, seed, hflip=hflip)
 iters_per_epoch = batches.iters_per_epoch
 if iters_per_epoch == 0:
     die(f'{len(x_all)} images are fewer than one batch of {batch_size}: lower --batch_size')
@@ -111,14 +113,15 @@ if init_from == 'resume':
     ckpt = resume_checkpoint(ckpt_path, dict(arch='unet', in_channels=C, input_size=S, time_cond=True,
                                              num_classes=num_classes), model_args, config_given)
     model_args, iter_num = ckpt['model_args'], ckpt['iter_num']
-model = UNet(**model_args).to(device, memory_format=memory_format)
+model = build_model(model_args).to(device, memory_format=memory_format)
 ema = copy.deepcopy(model).eval().requires_grad_(False)
 optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay,
                               fused=True)  # one fused kernel for the whole update, on CPU and GPU
 if ckpt is not None:
     model.load_state_dict(ckpt['model'])
     ema.load_state_dict(ckpt['ema'])
-    optimizer.load_state_dict(ckpt['optimizer'])
+    optimizer.load_state_dict(ckpt['optimizer'])  # Adam's moments; its betas and weight decay: this run's settings
+    optimizer.param_groups[0].update(betas=(beta1, beta2), weight_decay=weight_decay)
     set_rng_states(ckpt['rng'], rank, world_size, seed + rank + iter_num)
     del ckpt
 train_model = torch.compile(model) if compile else model

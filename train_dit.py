@@ -12,22 +12,20 @@ Writes under out_dir: ckpt.pt, log.jsonl, loss.png, loss_vs_t.png, samples_<iter
 """
 import copy
 import json
-import logging
 import os
 import shutil
 import subprocess
 import sys
 import time
-import warnings
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import (Batches, DATASETS, DiT_Llama, Progress, RectifiedFlow, check_choices, check_out_dir, cosine_lr, die,
-                   load_training_set, plot_loss, resume_checkpoint, rng_states, sample, save_checkpoint, save_grid,
-                   set_rng_states, setup_distributed, setup_precision, start_log, teardown_distributed, update_ema,
-                   pick_attention)
+from model import (Batches, DATASETS, DiT_Llama, Progress, RectifiedFlow, check_choices, check_out_dir,
+                   compile_fallback, cosine_lr, die, load_training_set, pick_attention, plot_loss, resume_checkpoint,
+                   rng_states, sample, save_checkpoint, save_grid, set_rng_states, setup_distributed, setup_precision,
+                   start_log, teardown_distributed, update_ema)
 
 # -----------------------------------------------------------------------------
 # default config: the GPU recipe for MNIST (config/dit_mnist.py); the dataset's preset goes over these
@@ -35,12 +33,12 @@ from model import (Batches, DATASETS, DiT_Llama, Progress, RectifiedFlow, check_
 out_dir = ''  # '' = out/dit_<dataset>
 data_dir = 'data'
 dataset = 'mnist'  # mnist | fashion_mnist | cifar10 | folder (data_dir/<class>/<image>)
-image_size = 0  # resize every image to image_size x image_size (0: as stored; a folder: 32)
+image_size = 0  # resize every image to image_size x image_size (0: as stored, MNIST's 28 = 14 patches; a folder: 32)
 download = True
 skip_bad_images = False  # a folder: leave out files that are not whole images (a note counts them)
 init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
 log_interval = 50
-sample_interval = 2000  # 0: only at the end
+sample_interval = 2000  # 0: only at the end. In iterations, as the presets' max_iters (the UNet scripts: after epochs)
 ckpt_interval = 1000
 eval_interval = 0  # every N iters (and at the end): class accuracy and classifier-FID of the EMA weights (evaluate.py)
 eval_samples = 500  # samples per evaluation, at sample_steps and sample_cfg, a fixed seed
@@ -130,10 +128,8 @@ if config_preset:  # the first line: which recipe, why, and how to choose anothe
     log(f'preset: config/{os.path.basename(config_preset)} ({why}; --preset={"gpu" if cpu_recipe else "cpu"} for the '
         f'{"GPU" if cpu_recipe else "CPU"} recipe, --preset=none for the defaults; config files and --key=value go over it)')
 ctx, dtype = setup_precision(device, dtype, log)  # TF32 on GPUs; bf16 autocast where the device has it
-cxx = os.environ.get('CXX') or ('clang++' if sys.platform == 'darwin' else 'g++')  # the compiler inductor calls
-if compile and device_type == 'cpu' and not shutil.which(cxx):
-    log(f'note: torch.compile on a CPU needs a C++ compiler and {cxx} is not on PATH: this run is eager (--compile=False)')
-    compile = False
+compile = compile_fallback(compile, device_type, log)  # no C++ compiler on a CPU: eager, with one note
+torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest convolutions (the stem)
 torch.manual_seed(seed + rank)
 
 # data: the whole set as uint8 on the device; each process reads its DistributedSampler share
@@ -167,13 +163,11 @@ optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(beta1
 if ckpt is not None:
     model.load_state_dict(ckpt['model'])
     ema.load_state_dict(ckpt['ema'])
-    optimizer.load_state_dict(ckpt['optimizer'])
+    optimizer.load_state_dict(ckpt['optimizer'])  # Adam's moments; its betas and weight decay: this run's settings
+    optimizer.param_groups[0].update(betas=(beta1, beta2), weight_decay=weight_decay)
     set_rng_states(ckpt['rng'], rank, world_size, seed + rank + iter_num)
     del ckpt
 n_params = sum(p.numel() for p in model.parameters())
-if compile:  # two messages a user cannot act on: inductor looking for CUDA on a CPU, and complex RoPE left to eager
-    logging.getLogger('torch.utils.cpp_extension').setLevel(logging.ERROR)
-    warnings.filterwarnings('ignore', message='Torchinductor does not support code generation for complex')
 train_model = torch.compile(model) if compile else model
 if ddp:
     train_model = DDP(train_model, device_ids=[local_rank] if device_type == 'cuda' else None, forward_sync_buffers=False)

@@ -756,13 +756,16 @@ def _torchvision_idx(name, data_dir, train, download):
                             f'there; pass --data_dir=DIR that holds {folder}/raw/')
 
 def _cifar10(data_dir, train, download):
-    root = os.path.join(data_dir, 'cifar-10-batches-py')
-    files = [f'data_batch_{i}' for i in range(1, 6)] if train else ['test_batch']
+    """torchvision's CIFAR10 layout, archive and download, read here: its constructor checks the md5 of all six
+    batches and batches.meta against the real files' sums, so it refuses any other copy of the format (the tests'
+    small ones) and a training set without test_batch; a damaged file is named below instead."""
+    from torchvision.datasets import CIFAR10
+    root = os.path.join(data_dir, CIFAR10.base_folder)
+    files = [f for f, _ in (CIFAR10.train_list if train else CIFAR10.test_list)]
     if not all(os.path.isfile(os.path.join(root, f)) for f in files) and download:
         try:
             from torchvision.datasets.utils import download_and_extract_archive
-            download_and_extract_archive('https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz', data_dir,
-                                         md5='c58f30108f718f92721af3b95e74349a')
+            download_and_extract_archive(CIFAR10.url, data_dir, filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
         except Exception:
             pass
     if not all(os.path.isfile(os.path.join(root, f)) for f in files):

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -97,3 +98,29 @@ def test_bf16_only_on_a_cpu_with_a_bf16_matrix_unit(monkeypatch, native):
     with ctx:
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == (torch.bfloat16 if native else torch.float32)
     assert setup_precision('cpu', 'float32', notes.append)[1] == 'float32' and len(notes) == (0 if native else 1)
+
+
+def test_cifar10_batches_read_as_written_and_one_line_for_a_missing_or_damaged_one(tmp_path, capsys):
+    """CIFAR-10's python batches (torchvision's layout and names) come back as written, in order, as uint8 [N, 3, 32,
+    32] and int64 labels; a missing or cut-short batch is one line naming it, no traceback."""
+    from conftest import fake_images, write_cifar10
+    data = write_cifar10(str(tmp_path), n_per_batch=6)
+    x, y = load_dataset('cifar10', data)
+    want = [fake_images(6, 32, 3, seed=i) for i in range(5)]  # data_batch_1..5 as write_cifar10 made them
+    assert x.dtype == torch.uint8 and x.shape == (30, 3, 32, 32) and y.dtype == torch.int64
+    assert torch.equal(x, torch.as_tensor(np.concatenate([w[0] for w in want])))
+    assert y.tolist() == np.concatenate([w[1] for w in want]).tolist()
+    xt, yt = load_dataset('cifar10', data, train=False)
+    assert torch.equal(xt, torch.as_tensor(fake_images(6, 32, 3, seed=5)[0])) and len(yt) == 6
+    root = os.path.join(data, 'cifar-10-batches-py')
+    with open(os.path.join(root, 'data_batch_2'), 'r+b') as f:
+        f.truncate(100)  # a cut-short copy
+    for damage, words in (('', ['data_batch_2 is not a CIFAR-10 python batch', '--download=True']),
+                          ('data_batch_4', ['cifar10 not found', 'download is off', 'data_batch_4'])):
+        if damage:
+            os.remove(os.path.join(root, damage))
+        with pytest.raises(SystemExit) as e:
+            load_dataset('cifar10', data)
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and err.count('\n') == 1 and 'Traceback' not in err, err
+        assert all(w in err for w in words), err

@@ -18,6 +18,8 @@ The last row, 'real', scores as many held-out real test images the same way: the
 fid_inception is the usual FID on Inception-v3 pool features (torchvision's ImageNet weights, so not the TF
 weights papers use) when the weights file is on disk; offline, supply it with --inception_weights=PATH.
 nfe counts network evaluations per sample (cfg evaluates them on a doubled batch); s/sample is wall time.
+A MeanFlow checkpoint (train_dit.py --objective=meanflow) samples by its own jump, 1 step unless --steps says
+otherwise (--runs=meanflow:1,meanflow:2), with its guidance trained in: no cfg, one evaluation a step.
 Writes out_json (default out_dir/eval.json) and prints one table.
 """
 import json
@@ -32,7 +34,7 @@ import torch.nn.functional as F
 import torch.nn as nn
 
 from model import (NFE_PER_STEP, check_choices, check_out_dir, cosine_lr, die, load_dataset, load_flow_model,
-                   pick_attention, resize, sample, setup_precision, to_model_range, to_uint8)
+                   pick_attention, resize, sample, sample_mean_flow, setup_precision, to_model_range, to_uint8)
 
 # -----------------------------------------------------------------------------
 out_dir = 'out/class_cfg'
@@ -41,9 +43,9 @@ npz = ''  # evaluate these samples (arr_0 uint8 NxHxWxC, arr_1 labels) instead o
 dataset = ''  # '' = the checkpoint's dataset (for an npz: the judge's, else mnist)
 data_dir = 'data'
 num_samples = 1000
-solver = 'euler'
-steps = 50
-cfg = None  # guidance of the runs that name none; None: 2.0, or none at all for an unconditional model
+solver = None  # euler | midpoint | heun | rk4 | meanflow (MeanFlow's jump); None: euler, or meanflow for a MeanFlow model
+steps = None  # None: 50, or 1 for a MeanFlow model
+cfg = None  # guidance of the runs that name none; None: 2.0, or none at all for an unconditional or MeanFlow model
 shift = 1.0
 runs = ''  # several settings in one table: 'solver:steps:cfg,...', e.g. 'euler:50:2,heun:10:2'
 batch_size = 64  # samples per network call (x2 with cfg): small batches stay in the CPU's cache
@@ -328,11 +330,14 @@ def generate(s, n_steps, g):
         z = torch.randn(n, C, S, S, generator=torch.Generator().manual_seed(seed + 1000 + i)).to(device)
         y = (torch.arange(n, device=device) + i) % num_classes if num_classes else None
         with ctx:
-            x = sample(model, z, y, steps=n_steps, cfg=g if num_classes else 1.0, solver=s, shift=shift)
+            if mean_flow:
+                x = sample_mean_flow(model, z, y, steps=n_steps, shift=shift)
+            else:
+                x = sample(model, z, y, steps=n_steps, cfg=g if num_classes else 1.0, solver=s, shift=shift)
         xs.append(to_uint8(x.float()))
         ys.append(y.cpu().numpy() if y is not None else np.zeros(n, dtype=np.int64))
         done, el = i + n, time.time() - t0
-        print(f'  {s} {n_steps} steps cfg {g:g}: {done}/{num_samples} samples | {done / el:.1f} samples/s | '
+        print(f'  {s} {n_steps} steps{"" if mean_flow else f" cfg {g:g}"}: {done}/{num_samples} samples | {done / el:.1f} samples/s | '
               f'ETA {(num_samples - done) * el / done:.0f}s', flush=True)
     return np.concatenate(xs), np.concatenate(ys), (time.time() - t0) / num_samples
 
@@ -353,15 +358,15 @@ if __name__ == '__main__':
     cfg_given = cfg is not None or any(g is not None for _, _, g in settings)
     settings = [(s, n, (2.0 if cfg is None else cfg) if g is None else g) for s, n, g in settings]
     for s, n, g in settings:
-        if s not in NFE_PER_STEP:
-            die(f"unknown solver {s!r}: choose one of {', '.join(NFE_PER_STEP)}")
-        if not 1 <= n <= 10 ** 7:
+        if s not in (None, *NFE_PER_STEP, 'meanflow'):
+            die(f"unknown solver {s!r}: choose one of {', '.join(NFE_PER_STEP)} or meanflow")
+        if n is not None and not 1 <= n <= 10 ** 7:
             die(f'steps must be at least 1 (and at most 10000000), got {n}')
         if not 0 <= g <= 100:  # False for nan too
             die(f'cfg {g!r} in --runs: must be a number >= 0 (and <= 100)')
 
     # what to evaluate: a model to sample, or a fixed set of samples
-    model, num_classes = None, 0
+    model, num_classes, mean_flow = None, 0, False
     if npz:
         if not os.path.isfile(npz):
             die(f'no .npz at {npz}')
@@ -393,6 +398,14 @@ if __name__ == '__main__':
         num_classes, channels = model.num_classes, model.in_channels
         if not num_classes and cfg_given:
             die(f'{ckpt_path} is an unconditional model: guidance needs classes, drop cfg (--cfg, a config file, the cfg in --runs)')
+        mean_flow = checkpoint['model_args'].get('mean_flow', False)  # MeanFlow: its own jump, one evaluation a step
+        if mean_flow and (cfg_given or any(s not in (None, 'meanflow') for s, _, _ in settings)):
+            die(f'{ckpt_path} is a MeanFlow model: it samples by its own jump with its guidance trained in; drop cfg and '
+                f'solvers (--cfg, --solver, a config file, --runs=meanflow:STEPS)')
+        if not mean_flow and any(s == 'meanflow' for s, _, _ in settings):
+            die(f'{ckpt_path} is a flow model, not MeanFlow: choose the solver {" | ".join(NFE_PER_STEP)}')
+        settings = [(s or ('meanflow' if mean_flow else 'euler'), n or (1 if mean_flow else 50), g)
+                    for s, n, g in settings]
         del checkpoint
 
     judge = judge or (dataset if dataset in RECIPES else '')
@@ -418,7 +431,8 @@ if __name__ == '__main__':
             x, y, sec = x_npz, y_npz, float('nan')
         else:
             x, y, sec = generate(s, n_steps, g)
-        rows.append(dict(solver=s, steps=n_steps, nfe=n_steps * NFE_PER_STEP.get(s, 0), cfg=g if num_classes else None,
+        per_step = 1 if mean_flow else NFE_PER_STEP.get(s, 0)  # network evaluations a step
+        rows.append(dict(solver=s, steps=n_steps, nfe=n_steps * per_step, cfg=g if num_classes and not mean_flow else None,
                          num_samples=len(x), sec_per_sample=sec, **score(x, y if num_classes else None)))
     real = None
     if classifier is not None:  # the floor: as many held-out real test images, scored the same way
@@ -444,4 +458,6 @@ if __name__ == '__main__':
               f'{fmt(r["sec_per_sample"], 4):>9}')
     if real:
         print(f'real: {real["num_samples"]} held-out {judge} test images, the floor a sample can reach')
+    if mean_flow:
+        print('MeanFlow: one network evaluation a step, its guidance trained in (no doubled batch)')
     print(f'wrote {out_json}')

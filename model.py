@@ -4,14 +4,16 @@ nanoflow's one shared module, in the order a reader meets it:
 1. networks: the time and label embeddings they share; DiT-LLaMA (AdaLN-Zero, 2D RoPE, SwiGLU), as its equations;
    the UNet (the one-step denoiser, the flow model and the class-conditional CFG model, chosen by its arguments); a
    convolution-only ResNet; build_model, which rebuilds any of them from a checkpoint's model_args;
-2. the flow: the rectified-flow loss, time grids, ODE solvers and classifier-free guidance;
+2. the flow: the rectified-flow loss, time grids, ODE solvers and classifier-free guidance; MeanFlow's loss and
+   sampler, for one-step samples;
 3. EMA of the weights;
 4. CPU kernels: DiT-LLaMA's attention and block again, the same maths by hand-written kernels, for a CPU;
 5. what the scripts share: one-line errors, devices and DDP, data and batches, the training loop's bookkeeping,
    checkpoints and figures.
 
 Conventions: images in [-1, 1]; t = 0 is data, t = 1 is noise; x_t = (1 - t) x0 + t eps and the networks predict
-the velocity v = eps - x0. Sampling integrates dx/dt = v from t = 1 down to t = 0.
+the velocity v = eps - x0 (MeanFlow's: its average u over [r, t]). Sampling integrates dx/dt = v from t = 1 down to
+t = 0 (MeanFlow jumps: z_r = z_t - (t - r) u).
 """
 import gc
 import math
@@ -20,7 +22,7 @@ import pickle
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -172,8 +174,10 @@ def unpatchify(x, p, C, H, W):
     return x.view(B, H // p, W // p, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
 
 class DiT_Llama(nn.Module):
+    """mean_flow: MeanFlow's network u(x, r, t), which also embeds the interval t - r (the paper's (t, t - r)) and
+    leaves the label dropout to MeanFlow's loss (which must know the dropped labels: their target is unguided)."""
     def __init__(self, in_channels=1, input_size=28, patch_size=2, dim=256, n_layers=6, n_heads=4,
-                 num_classes=10, p_uncond=0.1, qk_norm=True, stem_channels=32, attention='sdpa'):
+                 num_classes=10, p_uncond=0.1, qk_norm=True, stem_channels=32, attention='sdpa', mean_flow=False):
         super().__init__()
         assert input_size % patch_size == 0, f'input_size {input_size} must be divisible by patch_size {patch_size}'
         self.in_channels, self.input_size, self.patch_size, self.num_classes = in_channels, input_size, patch_size, num_classes
@@ -183,7 +187,8 @@ class DiT_Llama(nn.Module):
             nn.Conv2d(stem_channels, stem_channels, 3, padding=1), nn.GroupNorm(8, stem_channels), nn.SiLU())
         self.x_embedder = nn.Linear(patch_size * patch_size * stem_channels, dim)
         self.t_embedder = TimestepEmbedder(dim)
-        self.y_embedder = LabelEmbedder(num_classes, dim, p_uncond)
+        self.y_embedder = LabelEmbedder(num_classes, dim, 0.0 if mean_flow else p_uncond)
+        self.interval_embedder = TimestepEmbedder(dim) if mean_flow else None
         self.blocks = nn.ModuleList(TransformerBlock(dim, n_heads, qk_norm, attention) for _ in range(n_layers))
         self.final_layer = FinalLayer(dim, patch_size, in_channels)
         g = input_size // patch_size
@@ -194,18 +199,34 @@ class DiT_Llama(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         nn.init.normal_(self.y_embedder.embedding.weight, std=0.02)
-        for m in self.t_embedder.mlp[::2]:
-            nn.init.normal_(m.weight, std=0.02)
+        for embedder in [e for e in (self.t_embedder, self.interval_embedder) if e is not None]:
+            for m in embedder.mlp[::2]:
+                nn.init.normal_(m.weight, std=0.02)
 
-    def forward(self, x, t, y=None):
+    def forward(self, x, t, y=None, r=None):
         B, C, H, W = x.shape
         if y is None:  # unconditional: every label is the null class
             y = torch.full((B,), self.num_classes, dtype=torch.long, device=x.device)
         h = self.x_embedder(patchify(self.stem(x), self.patch_size))
         c = self.t_embedder(t) + self.y_embedder(y, self.training)
+        if self.interval_embedder is not None:  # MeanFlow: u(x, r, t) over [r, t]; no r is r = t, the velocity v(x, t)
+            c = c + self.interval_embedder(t - r if r is not None else torch.zeros_like(t))
         for block in self.blocks:
             h = block(h, c, self.angles)
         return unpatchify(self.final_layer(h, c), self.patch_size, C, H, W)
+
+@contextmanager
+def jvp_attention(net):
+    """Every Attention of net that runs SDPA on the written-out softmax ('math') for a while: torch.func.jvp needs a
+    forward-mode derivative, which SDPA's fused kernels lack (the written-out path and the CPU kernels have one)."""
+    attns = [m for m in net.modules() if isinstance(m, Attention) and m.attention == 'sdpa']
+    for a in attns:
+        a.attention = 'math'
+    try:
+        yield
+    finally:
+        for a in attns:
+            a.attention = 'sdpa'
 
 # -----------------------------------------------------------------------------
 # UNet: one network for the one-step denoiser (no conditioning), the flow model (time) and the
@@ -333,7 +354,7 @@ def build_model(model_args, attention='sdpa'):
     return ResNet(**model_args) if 'width' in model_args else UNet(**model_args)
 
 # =============================================================================
-# The flow: loss, time grids and ODE solvers with classifier-free guidance
+# The flow: loss, time grids and ODE solvers with classifier-free guidance; MeanFlow
 
 class RectifiedFlow:
     """x_t = (1 - t) x0 + t eps, target v = eps - x0, loss = per-sample MSE over C*H*W."""
@@ -358,6 +379,66 @@ class RectifiedFlow:
         v = model(x_t, t, y)
         per_sample = ((v.float() - (eps - x0)) ** 2).mean(dim=tuple(range(1, x0.dim())))
         return per_sample.mean(), (t.detach(), per_sample.detach())
+
+class MeanFlow(RectifiedFlow):
+    """MeanFlow (Geng et al. 2025): the network predicts the average velocity over [r, t],
+    u(z_t, r, t) = 1 / (t - r) int_r^t v(z_s, s) ds, so that one step from noise is x0 = eps - u(eps, 0, 1). Its target
+    is the MeanFlow identity u = v - (t - r) du/dt, du/dt = v . d_z u + d_t u the derivative along the path.
+    net: the plain network (no DDP, not compiled) that torch.func.jvp differentiates; the loss's own forward runs on the
+    model it is handed, so that DDP averages the gradients. ratio: the share of the batch with r != t (the rest is
+    flow matching). Guidance is trained in (omega, kappa, for t in cfg_t) and labels are dropped here w.p. p_uncond."""
+    def __init__(self, net, t_sampling='logit_normal', ratio=0.25, p_uncond=0.1, omega=1.0, kappa=0.0,
+                 cfg_t=(0.0, 1.0), weight_p=1.0, weight_c=1e-3):
+        super().__init__(t_sampling)
+        self.net, self.ratio, self.p_uncond = net, ratio, p_uncond
+        self.omega, self.kappa, self.cfg_t, self.weight_p, self.weight_c = omega, kappa, cfg_t, weight_p, weight_c
+
+    def sample_tr(self, n, device='cpu'):
+        """t >= r, both drawn by sample_t; r = t for a share 1 - ratio of them."""
+        t, r = self.sample_t(n, device), self.sample_t(n, device)
+        t, r = torch.maximum(t, r), torch.minimum(t, r)
+        return t, torch.where(torch.rand(n, device=device) < self.ratio, r, t)
+
+    @torch.no_grad()
+    def guided(self, z, t, v, y, null):
+        """For t in cfg_t v~ = omega v + kappa u(z, t, t | y) + (1 - omega - kappa) u(z, t, t | null), whose effective
+        guidance scale is omega / (1 - kappa) (the paper's appendix); elsewhere v."""
+        u_uncond = self.net(z, t, null).float()
+        u_cond = self.net(z, t, y).float() if self.kappa else 0  # kappa = 0: one forward, not two
+        v_cfg = self.omega * v + self.kappa * u_cond + (1 - self.omega - self.kappa) * u_uncond
+        inside = (t >= self.cfg_t[0]) & (t <= self.cfg_t[1])
+        return torch.where(inside.view(-1, *[1] * (v.dim() - 1)), v_cfg, v)
+
+    @torch.no_grad()
+    def target(self, z, r, t, v, y=None):
+        """u_tgt = v - (t - r) du/dt, du/dt by torch.func.jvp along the tangent (v, 0, 1) of (z, r, t); in fp32 (a
+        target needs no bf16 speed, and autocast has no forward-mode rules) and without SDPA (no jvp either)."""
+        u = lambda z, r, t: self.net(z, t, y, r)
+        with torch.autocast(z.device.type, enabled=False), jvp_attention(self.net):
+            _, dudt = torch.func.jvp(u, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
+        return v - (t - r).view(-1, *[1] * (z.dim() - 1)) * dudt
+
+    def loss(self, model, x0, y=None):
+        """The batch mean of w |u - u_tgt|^2, w = 1 / (|u - u_tgt|^2 + c)^p the paper's adaptive weight under stop-gradient,
+        |.|^2 the mean over C*H*W (p = 0: RectifiedFlow's loss). Returns it and the per-sample (t, |u - u_tgt|^2)."""
+        t, r = self.sample_tr(x0.shape[0], x0.device)
+        eps = torch.randn_like(x0)
+        tb = t.view(-1, *[1] * (x0.dim() - 1))
+        z = (1 - tb) * x0 + tb * eps
+        v = eps - x0
+        if y is not None:
+            null = torch.full_like(y, self.net.num_classes)
+            if self.omega != 1 or self.kappa != 0:
+                v = self.guided(z, t, v, y, null)
+            drop = torch.rand(y.shape[0], device=y.device) < self.p_uncond  # a dropped label learns the unguided v
+            y, v = torch.where(drop, null, y), torch.where(drop.view_as(tb), eps - x0, v)
+        u_tgt, jump = v.clone(), r < t  # at r = t the target is v: (t - r) du/dt = 0, so the jvp runs on r < t only
+        if jump.any():
+            u_tgt[jump] = self.target(z[jump], r[jump], t[jump], v[jump], None if y is None else y[jump])
+        u = model(z, t, y, r)  # the DDP (and compiled) model: the one forward whose gradients are averaged
+        per_sample = ((u.float() - u_tgt) ** 2).mean(dim=tuple(range(1, x0.dim())))
+        loss = (per_sample / (per_sample.detach() + self.weight_c) ** self.weight_p).mean()
+        return loss, (t.detach(), per_sample.detach())
 
 def time_grid(steps, shift=1.0):
     """steps + 1 times from 1 (noise) down to 0 (data)."""
@@ -402,6 +483,20 @@ def sample(model, z, y=None, steps=50, cfg=1.0, solver='euler', shift=1.0, retur
     traj = [x]
     for t, t_next in zip(ts[:-1], ts[1:]):
         x = ode_step(f, x, t, t_next, solver)
+        if return_traj:
+            traj.append(x)
+    return (x, traj) if return_traj else x
+
+@torch.no_grad()
+def sample_mean_flow(model, z, y=None, steps=1, shift=1.0, return_traj=False):
+    """MeanFlow's jumps from z (noise, t = 1) down the time grid, z_r = z_t - (t - r) u(z_t, r, t): one step is
+    x0 = eps - u(eps, 0, 1). One network evaluation a step, guidance included (trained in). x0, or (x0, trajectory)."""
+    ts = time_grid(steps, shift).tolist()
+    x = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+    traj = [x]
+    for t, r in zip(ts[:-1], ts[1:]):
+        full = lambda s: torch.full((x.shape[0],), s, device=x.device)
+        x = x - (t - r) * model(x, full(t), y, full(r)).to(x.dtype)
         if return_traj:
             traj.append(x)
     return (x, traj) if return_traj else x

@@ -1,6 +1,7 @@
 """
 Sample any flow checkpoint of this project (DiT-LLaMA, flow UNet, class-conditional UNet), rebuilt from
-its model_args alone, with the EMA weights.
+its model_args alone, with the EMA weights. A MeanFlow checkpoint (train_dit.py --objective=meanflow) samples in
+one step by default, by its own jump z_r = z_t - (t - r) u(z_t, r, t), guidance included (trained in).
 
     python sample.py --steps=50 --cfg=2.0 --gif      # grid + trajectory GIF of python train_dit.py --dataset=mnist
     python sample.py --out_dir=out/dit_mnist --sweep=steps                # 1, 5, 10, 50 steps, one figure
@@ -18,14 +19,14 @@ import numpy as np
 import torch
 
 from model import (NFE_PER_STEP, check_choices, check_out_dir, die, load_flow_model, pick_attention, sample,
-                   save_grid, save_labelled_grid, setup_precision, to_uint8)
+                   sample_mean_flow, save_grid, save_labelled_grid, setup_precision, to_uint8)
 
 # -----------------------------------------------------------------------------
 out_dir = 'out/dit_mnist'
 ckpt = ''  # '' = out_dir/ckpt.pt
-steps = 50
-cfg = None  # guidance v = v_uncond + cfg (v_cond - v_uncond); None: 2.0, or none at all for an unconditional model
-solver = 'euler'  # euler | midpoint | heun | rk4
+steps = None  # None: 50, or 1 for a MeanFlow model
+cfg = None  # guidance v = v_uncond + cfg (v_cond - v_uncond); None: 2.0, or none for an unconditional or MeanFlow model
+solver = None  # euler | midpoint | heun | rk4 | meanflow (MeanFlow's jump); None: euler, or meanflow for a MeanFlow model
 shift = 1.0  # SD3 time-grid shift (1 = uniform grid)
 gif = False
 sweep = ''  # '' | steps | cfg
@@ -48,10 +49,8 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator
 # -----------------------------------------------------------------------------
 
 
-if solver not in NFE_PER_STEP:
-    die(f"unknown solver {solver!r}: choose one of {', '.join(NFE_PER_STEP)}")
-if steps < 1:
-    die(f'steps must be at least 1, got {steps}')
+if solver not in (None, *NFE_PER_STEP, 'meanflow'):
+    die(f"unknown solver {solver!r}: choose one of {', '.join(NFE_PER_STEP)} or meanflow")
 if sweep not in ('', 'steps', 'cfg'):
     die(f"unknown sweep {sweep!r}: choose steps or cfg")
 if save_npz and num_samples < 1:
@@ -66,20 +65,32 @@ if save_npz:
     check_out_dir(os.path.dirname(os.path.abspath(save_npz)), 'save_npz')
 ctx, dtype = setup_precision(device, dtype)  # TF32 on GPUs; bf16 autocast where the device has it
 ckpt_path = ckpt or os.path.join(out_dir, 'ckpt.pt')
-model, _ = load_flow_model(ckpt_path, device, use_ema, attention=pick_attention(attention, device.split(':')[0], dtype))
+model, checkpoint = load_flow_model(ckpt_path, device, use_ema,
+                                    attention=pick_attention(attention, device.split(':')[0], dtype))
 num_classes = model.num_classes
 conditional = num_classes > 0
+mean_flow = checkpoint['model_args'].get('mean_flow', False)  # MeanFlow: its own jump, one evaluation a step
+del checkpoint
+if mean_flow and solver not in (None, 'meanflow'):
+    die(f'{ckpt_path} is a MeanFlow model: it samples by its own jump (--solver=meanflow), not {solver}; drop --solver')
+if mean_flow and (cfg is not None or sweep == 'cfg'):
+    die(f'{ckpt_path} is a MeanFlow model: its guidance is trained in (train_dit.py\'s mf_omega, mf_kappa), drop '
+        f'{"--sweep=cfg" if sweep == "cfg" else f"cfg ({cfg!r} from --cfg or a config file)"}')
+if not mean_flow and solver == 'meanflow':
+    die(f'{ckpt_path} is a flow model, not MeanFlow: choose --solver={" | ".join(NFE_PER_STEP)}')
+solver, steps = solver or ('meanflow' if mean_flow else 'euler'), steps or (1 if mean_flow else 50)
 if not conditional and cfg is not None:
     die(f'{ckpt_path} is an unconditional model: guidance needs classes, drop cfg ({cfg!r} from --cfg or a config file)')
-cfg = (2.0 if conditional else 1.0) if cfg is None else cfg  # 1: the plain velocity
+cfg = (2.0 if conditional and not mean_flow else 1.0) if cfg is None else cfg  # 1: the plain velocity
 if not conditional and sweep == 'cfg':
     die(f'{ckpt_path} is an unconditional model: --sweep=cfg needs a class-conditional one')
 if class_label >= num_classes or (class_label >= 0 and not conditional):
     die(f'class_label {class_label} is out of range: this model has {num_classes} classes (0..{num_classes - 1})'
         if conditional else f'{ckpt_path} is an unconditional model: drop --class_label')
 C, S = model.in_channels, model.input_size
-nfe = steps * NFE_PER_STEP[solver]
-tag = f'{solver}{steps}' + (f'_cfg{cfg:g}' if conditional else '')
+per_step = 1 if mean_flow else NFE_PER_STEP[solver]  # network evaluations a step
+nfe = steps * per_step
+tag = f'{solver}{steps}' + (f'_cfg{cfg:g}' if conditional and not mean_flow else '')
 
 
 def labels(n, offset=0):
@@ -92,6 +103,8 @@ def labels(n, offset=0):
 
 def generate(z, y, steps=steps, cfg=cfg, return_traj=False):
     with ctx:
+        if mean_flow:
+            return sample_mean_flow(model, z, y, steps=steps, shift=shift, return_traj=return_traj)
         return sample(model, z, y, steps=steps, cfg=cfg if conditional else 1.0, solver=solver, shift=shift,
                       return_traj=return_traj)
 
@@ -111,8 +124,9 @@ x, traj = generate(z, y, return_traj=True)
 grid_path = os.path.join(out_dir, f'samples_{tag}.png')
 os.makedirs(out_dir, exist_ok=True)
 save_grid(x, grid_path, nrow=per_class)
-print(f'wrote {grid_path}: {len(z)} samples, {solver} {steps} steps = {nfe} NFE'
-      f'{" (each on a doubled batch for cfg)" if conditional and cfg != 1 else ""}, {time.time() - t0:.1f}s')
+guidance = (' (guidance trained in: no doubled batch)' if mean_flow and conditional else
+            ' (each on a doubled batch for cfg)' if conditional and cfg != 1 else '')
+print(f'wrote {grid_path}: {len(z)} samples, {solver} {steps} steps = {nfe} NFE{guidance}, {time.time() - t0:.1f}s')
 
 if gif:  # every step of the trajectory, the last frame held
     import imageio.v2 as imageio
@@ -129,7 +143,8 @@ if sweep:  # one labelled figure: the same noise and classes under each setting
     values = (1, 5, 10, 50) if sweep == 'steps' else (0.0, 1.0, 2.0, 10.0)
     rows = [generate(z, y, steps=v) if sweep == 'steps' else generate(z, y, cfg=v) for v in values]
     if sweep == 'steps':
-        names, title = [f'{v} steps ({v * NFE_PER_STEP[solver]} NFE)' for v in values], f'{solver}, cfg {cfg:g}'
+        names = [f'{v} steps ({v * per_step} NFE)' for v in values]
+        title = f'{solver}, ' + ('guidance trained in' if mean_flow else f'cfg {cfg:g}')
     else:
         names, title = [f'cfg {v:g}' for v in values], f'{solver}, {steps} steps'
     path = os.path.join(out_dir, f'sweep_{sweep}.png')

@@ -4,6 +4,7 @@ DiT-LLaMA rectified flow on MNIST, Fashion-MNIST, CIFAR-10 or a folder of images
     python train_dit.py --dataset=mnist                         # one process (CPU or one GPU)
     torchrun --nproc_per_node=4 train_dit.py --dataset=cifar10  # DDP: NCCL on GPUs, gloo on CPU
     python train_dit.py --dataset=mnist --preset=gpu --compile=False   # the GPU recipe, eager
+    python train_dit.py config/dit_mnist_meanflow_cpu.py        # MeanFlow: digits in one network evaluation
 
 Each dataset has a preset for a GPU and one for a CPU (config/dit_<dataset>.py, config/dit_<dataset>_cpu.py), chosen
 by the device unless --preset says which; config files and --key=value go over it (--help shows what is in effect).
@@ -22,10 +23,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import (Batches, DATASETS, DiT_Llama, Progress, RectifiedFlow, check_choices, check_out_dir,
+from model import (Batches, DATASETS, DiT_Llama, MeanFlow, Progress, RectifiedFlow, check_choices, check_out_dir,
                    compile_fallback, cosine_lr, die, load_training_set, pick_attention, plot_loss, resume_checkpoint,
-                   rng_states, sample, save_checkpoint, save_grid, set_rng_states, setup_distributed, setup_precision,
-                   start_log, teardown_distributed, update_ema)
+                   rng_states, sample, sample_mean_flow, save_checkpoint, save_grid, set_rng_states, setup_distributed,
+                   setup_precision, start_log, teardown_distributed, update_ema)
 
 # -----------------------------------------------------------------------------
 # default config: the GPU recipe for MNIST (config/dit_mnist.py); the dataset's preset goes over these
@@ -61,10 +62,16 @@ ema_decay = 0.999
 hflip = False  # random horizontal flips (CIFAR-10)
 seed = 1337
 # flow
+objective = 'rf'  # rf: the network learns the velocity v (rectified flow) | meanflow: its average over [r, t]
 t_sampling = 'logit_normal'  # logit_normal | uniform | mode
 p_uncond = 0.1  # label dropout for classifier-free guidance
-sample_steps = 50
-sample_cfg = 2.0
+sample_steps = None  # steps of the samples written in training; None: 50 (rf), 1 (meanflow)
+sample_cfg = 2.0  # their guidance (rf; MeanFlow's is trained in: mf_omega, mf_kappa)
+# MeanFlow (objective = 'meanflow')
+mf_ratio = 0.25  # share of the batch with r != t; the rest has r = t, plain flow matching
+mf_omega = 1.0  # trained-in guidance: v~ = omega v + kappa u(z, t, t | y) + (1 - omega - kappa) u(z, t, t | null)
+mf_kappa = 0.5  # ... its effective scale omega / (1 - kappa); omega = 1, kappa = 0: no guidance
+mf_weight_p = 1.0  # adaptive loss weight 1 / (|u - u_tgt|^2 + 1e-3)^p; 0: the plain squared error
 # model
 dim = 128
 n_layers = 6
@@ -85,6 +92,7 @@ config_domains = dict(  # each number's domain: a kind of configurator.py (count
     lr_decay_iters=(-1, 10 ** 7), weight_decay='nonneg', beta1='decay', beta2='decay', grad_clip='positive',
     ema_decay='decay', seed='seed',  # training
     p_uncond='prob', sample_steps='count', sample_cfg='nonneg',  # flow
+    mf_ratio='prob', mf_omega='nonneg', mf_kappa=(0, 0.99), mf_weight_p=(0, 2),  # MeanFlow
     dim='size', n_layers='size', n_heads='size', patch_size='size', stem_channels='size')  # model
 config_keys = [k for k, v in globals().items()  # the settings configurator.py may change, as nanoGPT declares them
                if not k.startswith('_') and k.islower() and isinstance(v, (bool, int, float, str, tuple, list, type(None)))]
@@ -109,7 +117,7 @@ JUDGES = ('mnist', 'fashion_mnist', 'cifar10')  # evaluate.py's classifiers (its
 check_choices(dataset=(dataset, DATASETS), dtype=(dtype, ('bfloat16', 'float32')),
               device=(device, ('auto', 'cpu', 'cuda')), init_from=(init_from, ('scratch', 'resume')),
               attention=(attention, ('auto', 'sdpa', 'math', 'kernels')),
-              t_sampling=(t_sampling, ('logit_normal', 'uniform', 'mode')),
+              t_sampling=(t_sampling, ('logit_normal', 'uniform', 'mode')), objective=(objective, ('rf', 'meanflow')),
               judge=(judge, ('', *JUDGES)), preset=(preset, ('auto', 'gpu', 'cpu', 'none')))
 if eval_interval and (judge or dataset) not in JUDGES:
     die(f'--eval_interval judges samples with evaluate.py\'s classifiers (mnist, fashion_mnist, cifar10); for a folder '
@@ -146,11 +154,15 @@ max_iters = max_iters or epochs * iters_per_epoch
 # model, EMA copy and optimizer, from scratch or from out_dir/ckpt.pt
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 model_args = dict(in_channels=C, input_size=H, patch_size=patch_size, dim=dim, n_layers=n_layers, n_heads=n_heads,
-                  num_classes=num_classes, p_uncond=p_uncond, qk_norm=qk_norm, stem_channels=stem_channels)
+                  num_classes=num_classes, p_uncond=p_uncond, qk_norm=qk_norm, stem_channels=stem_channels,
+                  mean_flow=objective == 'meanflow')  # sample.py and evaluate.py read it: MeanFlow samples in 1 step
 iter_num, ckpt = 0, None
 if init_from == 'resume':
     ckpt = resume_checkpoint(ckpt_path, dict(arch='dit', in_channels=C, input_size=H), model_args, config_given)
     model_args, iter_num = ckpt['model_args'], ckpt['iter_num']
+    if model_args.get('mean_flow', False) != (objective == 'meanflow'):
+        die(f'{ckpt_path} was trained with --objective={"meanflow" if model_args.get("mean_flow") else "rf"}, this run '
+            f'has --objective={objective}: use that run\'s objective, or another --out_dir')
 train_seconds = ckpt.get('train_seconds', 0.0) if ckpt else 0.0  # wall clock of the run so far, evaluations excluded
 if H != W or H % model_args['patch_size']:
     die(f'images are {H}x{W}: they must be square with a side divisible by patch_size {model_args["patch_size"]}')
@@ -171,7 +183,11 @@ n_params = sum(p.numel() for p in model.parameters())
 train_model = torch.compile(model) if compile else model
 if ddp:
     train_model = DDP(train_model, device_ids=[local_rank] if device_type == 'cuda' else None, forward_sync_buffers=False)
-flow = RectifiedFlow(t_sampling)
+if objective == 'meanflow':  # its jvp runs on the plain model (DDP cannot carry it), its loss's forward on train_model
+    flow = MeanFlow(model, t_sampling, mf_ratio, p_uncond, mf_omega, mf_kappa, weight_p=mf_weight_p)
+else:
+    flow = RectifiedFlow(t_sampling)
+sample_steps = sample_steps or (1 if objective == 'meanflow' else 50)
 
 
 @torch.no_grad()
@@ -182,7 +198,10 @@ def write_samples(path):
     z = torch.randn(n_rows * 8, C, H, W, generator=g).to(device)
     y = torch.arange(n_rows, device=device).repeat_interleave(8)
     with ctx:
-        x = sample(ema, z, y, steps=sample_steps, cfg=sample_cfg)
+        if objective == 'meanflow':
+            x = sample_mean_flow(ema, z, y, steps=sample_steps)
+        else:
+            x = sample(ema, z, y, steps=sample_steps, cfg=sample_cfg)
     save_grid(x, path, nrow=8)
 
 
@@ -211,8 +230,9 @@ def evaluate_ema(it):
     minutes = (train_seconds + t0 - t_begin) / 60
     path, out_json = os.path.join(out_dir, 'eval_ckpt.pt'), os.path.join(out_dir, 'eval_last.json')
     save_checkpoint(dict(model_args=model_args, model=ema.state_dict(), iter_num=it, config=config), path)
+    cfg = [] if objective == 'meanflow' else [f'--cfg={sample_cfg}']  # MeanFlow's guidance is in its weights
     p = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'evaluate.py'),
-                        f'--ckpt={path}', f'--data_dir={data_dir}', f'--num_samples={eval_samples}', f'--cfg={sample_cfg}',
+                        f'--ckpt={path}', f'--data_dir={data_dir}', f'--num_samples={eval_samples}', *cfg,
                         f'--steps={sample_steps}', '--inception=off', f'--out_json={out_json}', f'--device={device_type}',
                         f'--classifier_path={classifier_path}', f'--judge={judge}', f'--judge_data_dir={judge_data_dir}'],
                        capture_output=True, text=True)
@@ -251,7 +271,7 @@ def plot_eval(rows, path):
 def write_plots():
     rows = [json.loads(line) for line in open(log_path)]
     plot_loss([r['iter'] for r in rows], [r['loss'] for r in rows], os.path.join(out_dir, 'loss.png'),
-              title=f'DiT-LLaMA rectified flow on {dataset}')
+              title=f'DiT-LLaMA {"MeanFlow" if objective == "meanflow" else "rectified flow"} on {dataset}')
     if t_seen:
         plot_loss_vs_t(torch.cat(t_seen).cpu(), torch.cat(loss_seen).cpu(), os.path.join(out_dir, 'loss_vs_t.png'))
 
@@ -285,7 +305,9 @@ while iter_num < max_iters:
     optimizer.step()
     update_ema(ema, model, min(ema_decay, (1 + iter_num) / (10 + iter_num)))  # short EMA memory early on
     iter_num += 1
-    progress.add(loss, grad_norm)  # summed on the device: read (and checked for NaN) only at log and checkpoint time
+    # summed on the device: read (and checked for NaN) only at log and checkpoint time; the mean squared error (rf: the
+    # loss; MeanFlow's adaptive weight makes its loss about 1, whatever the error)
+    progress.add(per_sample.mean(), grad_norm)
     if master:
         t_seen.append(t)
         loss_seen.append(per_sample)

@@ -57,6 +57,8 @@ VARIANTS = {  # name: (dtype, DiT attention, torch.compile?, UNet in channels_la
     'baseline': ('float32', 'math', False, False), 'fp32_sdpa': ('float32', 'sdpa', False, False),
     'bf16_sdpa': ('bfloat16', 'sdpa', False, False), 'bf16_kernels': ('bfloat16', 'kernels', False, False),
     'bf16_kernels_compile': ('bfloat16', 'kernels', True, False), 'bf16_sdpa_compile': ('bfloat16', 'sdpa', True, False),
+    'fp32_kernels': ('float32', 'kernels', False, False), 'fp32_kernels_compile': ('float32', 'kernels', True, False),
+    'fp32_math_compile': ('float32', 'math', True, False), 'fp32_sdpa_compile': ('float32', 'sdpa', True, False),
     'fp32_cl': ('float32', 'math', False, True), 'bf16': ('bfloat16', 'math', False, False),
     'bf16_cl': ('bfloat16', 'math', False, True), 'bf16_cl_compile': ('bfloat16', 'math', True, True)}
 
@@ -224,7 +226,8 @@ def bench_minrf():
     except ImportError as e:
         raise SystemExit(f'error: no minRF checkout at {minrf_dir} (dit.py, rf.py): {e}')
     B, d = batch_size or 128, script_defaults('train_dit.py')
-    setup_precision(device, d['dtype'])  # as train_dit.py starts (on a CPU: glibc keeps freed memory; minRF gains too)
+    _, default_dtype = setup_precision(device, d['dtype'])  # as train_dit.py starts: its dtype here (fp32 on a CPU
+    # without bf16 units), and on a CPU glibc keeps freed memory (minRF gains too)
     x0, y = torch.randn(B, 1, 32, 32, device=device), torch.randint(0, 10, (B,), device=device)
     null = torch.full_like(y, 10)
 
@@ -248,7 +251,7 @@ def bench_minrf():
         return train, sample_step, sum(p.numel() for p in model.parameters())
 
     def ours(variant):
-        dtype = {'fp32': 'float32', 'bf16': 'bfloat16'}.get(variant.split('_')[0], d['dtype'])
+        dtype = {'fp32': 'float32', 'bf16': 'bfloat16'}.get(variant.split('_')[0], default_dtype)
         attention = variant.split('_')[1] if variant.count('_') and variant.split('_')[1] in ('sdpa', 'math', 'kernels') else d['attention']
         use_compile = variant.endswith('compile') or (variant.startswith('default') and d['compile'])
         model = DiT_Llama(1, 32, 2, 64, 6, 4, 10, attention=pick_attention(attention, device_type, dtype)).to(device)
@@ -292,7 +295,7 @@ def bench_minrf():
     base_t, base_s = rows[0]['train_img_s'], rows[0]['sample_img_s_per_cfg_step']
     print(f'minRF vs nanoflow at dim 64, 6 layers, 4 heads, patch 2, 1x32x32, batch {B}, {torch.get_num_threads()} threads '
           f'on {device}; median of {rounds} alternating rounds of {iters} steps; train_dit.py defaults: dtype '
-          f'{d["dtype"]}, attention {d["attention"]}, compile {d["compile"]}')
+          f'{default_dtype} here, attention {d["attention"]}, compile {d["compile"]}')
     print(f'{"implementation":<18} {"params":>8} {"train img/s":>11} {"vs minRF":>8} {"sample img/s/step":>17} {"vs minRF":>8}')
     for r in rows:
         r['train_vs_minrf'], r['sample_vs_minrf'] = r['train_img_s'] / base_t, r['sample_img_s_per_cfg_step'] / base_s
@@ -343,9 +346,13 @@ if device_type == 'cuda':  # as the train scripts run: TF32 for fp32 matmuls and
 else:
     torch.set_float32_matmul_precision('highest')
     peak_n, peak_reps = 2048, 10
-peaks = {'float32': matmul_peak(torch.float32, peak_n, peak_reps), 'bfloat16': matmul_peak(torch.bfloat16, peak_n, peak_reps)}
+names = [n for n in presets.split(',') if n]
+used = {VARIANTS[v][0] for v in ((dit_variants if any(not n.startswith('unet') for n in names) else '') + ',' +
+                                 (unet_variants if any(n.startswith('unet') for n in names) else '')).split(',') if v}
+# the dtypes the variants use: a bf16 matmul peak takes minutes
+peaks = {d: matmul_peak(getattr(torch, d), peak_n, peak_reps) for d in sorted(used)}  # on a CPU without bf16 units
 print(f'device {device}, {torch.get_num_threads()} threads | measured matmul peak: '
-      f'fp32 {peaks["float32"] / 1e9:.0f} GFLOP/s, bf16 {peaks["bfloat16"] / 1e9:.0f} GFLOP/s', flush=True)
+      + ', '.join(f'{d} {p / 1e9:.0f} GFLOP/s' for d, p in peaks.items()), flush=True)
 rows = []
 header = f'{"preset":<12} {"variant":<18} {"batch":>5} {"train img/s":>11} {"speed-up":>8} {"sample img/s/NFE":>16} {"GFLOP/img":>9} {"MFU":>6}'
 print(header)

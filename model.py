@@ -22,6 +22,7 @@ import pickle
 import shutil
 import sys
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 
 import numpy as np
@@ -34,22 +35,23 @@ import torch.nn.functional as F
 # Networks
 # embeddings the networks share: time and class labels
 
-def timestep_embedding(t, dim):
-    """Sinusoidal embedding of 1000 t for t in [0, 1]: unscaled, it would be nearly linear in t."""
+def timestep_embedding(t, dim, scale=1000.0):
+    """Sinusoidal embedding of scale * t for t in [0, 1]: the flow's 1000 t spreads its frequencies over the whole
+    range (unscaled, the embedding would be nearly linear in t)."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = (1000.0 * t.float())[:, None] * freqs[None]
+    args = (scale * t.float())[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 class TimestepEmbedder(nn.Module):
-    """t -> sinusoidal(freq_dim) -> MLP -> dim."""
-    def __init__(self, dim, freq_dim=256):
+    """t -> sinusoidal(freq_dim) of scale * t -> MLP -> dim."""
+    def __init__(self, dim, freq_dim=256, scale=1000.0):
         super().__init__()
-        self.freq_dim = freq_dim
+        self.freq_dim, self.scale = freq_dim, scale
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t):
-        return self.mlp(timestep_embedding(t, self.freq_dim))
+        return self.mlp(timestep_embedding(t, self.freq_dim, self.scale))
 
 class LabelEmbedder(nn.Module):
     """Labels -> vectors; index num_classes is CFG's null class, which a label becomes in training w.p. p_uncond."""
@@ -186,9 +188,12 @@ class DiT_Llama(nn.Module):
             nn.Conv2d(in_channels, stem_channels, 3, padding=1), nn.GroupNorm(8, stem_channels), nn.SiLU(),
             nn.Conv2d(stem_channels, stem_channels, 3, padding=1), nn.GroupNorm(8, stem_channels), nn.SiLU())
         self.x_embedder = nn.Linear(patch_size * patch_size * stem_channels, dim)
-        self.t_embedder = TimestepEmbedder(dim)
+        # MeanFlow differentiates u in t: embedding 1000 t would make d_t u up to 1000 times larger than u's change
+        # along the path (the fastest frequency) and its target diverges; it embeds t itself, as MeanFlow's code does
+        scale = 1.0 if mean_flow else 1000.0
+        self.t_embedder = TimestepEmbedder(dim, scale=scale)
         self.y_embedder = LabelEmbedder(num_classes, dim, 0.0 if mean_flow else p_uncond)
-        self.interval_embedder = TimestepEmbedder(dim) if mean_flow else None
+        self.interval_embedder = TimestepEmbedder(dim, scale=scale) if mean_flow else None
         self.blocks = nn.ModuleList(TransformerBlock(dim, n_heads, qk_norm, attention) for _ in range(n_layers))
         self.final_layer = FinalLayer(dim, patch_size, in_channels)
         g = input_size // patch_size
@@ -386,16 +391,19 @@ class MeanFlow(RectifiedFlow):
     is the MeanFlow identity u = v - (t - r) du/dt, du/dt = v . d_z u + d_t u the derivative along the path.
     net: the plain network (no DDP, not compiled) that torch.func.jvp differentiates; the loss's own forward runs on the
     model it is handed, so that DDP averages the gradients. ratio: the share of the batch with r != t (the rest is
-    flow matching). Guidance is trained in (omega, kappa, for t in cfg_t) and labels are dropped here w.p. p_uncond."""
+    flow matching). t_dist, r_dist: (mean, std) of logit-normal draws of t and r, () for t_sampling's. Guidance is
+    trained in (omega, kappa, for t in cfg_t) and labels are dropped here w.p. p_uncond."""
     def __init__(self, net, t_sampling='logit_normal', ratio=0.25, p_uncond=0.1, omega=1.0, kappa=0.0,
-                 cfg_t=(0.0, 1.0), weight_p=1.0, weight_c=1e-3):
+                 cfg_t=(0.0, 1.0), weight_p=1.0, weight_c=1e-3, t_dist=(), r_dist=()):
         super().__init__(t_sampling)
-        self.net, self.ratio, self.p_uncond = net, ratio, p_uncond
+        self.net, self.ratio, self.p_uncond, self.t_dist, self.r_dist = net, ratio, p_uncond, t_dist, r_dist
         self.omega, self.kappa, self.cfg_t, self.weight_p, self.weight_c = omega, kappa, cfg_t, weight_p, weight_c
 
     def sample_tr(self, n, device='cpu'):
-        """t >= r, both drawn by sample_t; r = t for a share 1 - ratio of them."""
-        t, r = self.sample_t(n, device), self.sample_t(n, device)
+        """t >= r (the larger and the smaller of two draws); r = t for a share 1 - ratio of them."""
+        draw = lambda dist: (torch.sigmoid(dist[0] + dist[1] * torch.randn(n, device=device)) if dist  # sigmoid(N(m, s^2))
+                             else self.sample_t(n, device))
+        t, r = draw(self.t_dist), draw(self.r_dist)
         t, r = torch.maximum(t, r), torch.minimum(t, r)
         return t, torch.where(torch.rand(n, device=device) < self.ratio, r, t)
 
@@ -414,7 +422,8 @@ class MeanFlow(RectifiedFlow):
         """u_tgt = v - (t - r) du/dt, du/dt by torch.func.jvp along the tangent (v, 0, 1) of (z, r, t); in fp32 (a
         target needs no bf16 speed, and autocast has no forward-mode rules) and without SDPA (no jvp either)."""
         u = lambda z, r, t: self.net(z, t, y, r)
-        with torch.autocast(z.device.type, enabled=False), jvp_attention(self.net):
+        with torch.autocast(z.device.type, enabled=False), jvp_attention(self.net), warnings.catch_warnings():
+            warnings.filterwarnings('ignore', '`torch.jit.script` is deprecated')  # torch loads its own jvp rules by it
             _, dudt = torch.func.jvp(u, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
         return v - (t - r).view(-1, *[1] * (z.dim() - 1)) * dudt
 
@@ -524,12 +533,12 @@ def update_ema(ema_model, model, decay):
 # each choice measured.
 
 def pick_attention(attention, device_type, dtype):
-    """The `attention` setting of the scripts -> Attention's path. auto: the kernels on a CPU, fastest in bf16 and as
-    fast as SDPA in fp32, where SDPA's CPU kernel has no forward-mode derivative (torch.func.jvp) and they do; SDPA on
-    CUDA."""
+    """The `attention` setting of the scripts -> Attention's path. auto: the kernels for bf16 on a CPU, where they
+    train fastest; SDPA elsewhere (compiled fp32 on a CPU without bf16 units, the kernels trained slowest of the three
+    paths: docs/performance.md). MeanFlow's jvp, which SDPA lacks, switches it to 'math' (jvp_attention)."""
     if attention != 'auto':
         return attention
-    return 'sdpa' if device_type == 'cuda' else 'kernels'
+    return 'kernels' if device_type == 'cpu' and dtype == 'bfloat16' else 'sdpa'
 
 def kernel_block(block, x, c, angles):
     """TransformerBlock.forward with modulate and the gated residuals x + gate * f as one addcmul each."""
@@ -800,7 +809,6 @@ def compile_fallback(compile, device_type, log=print):
         return False
     if compile:
         import logging
-        import warnings
         logging.getLogger('torch.utils.cpp_extension').setLevel(logging.ERROR)
         warnings.filterwarnings('ignore', message='Torchinductor does not support code generation for complex')
     return compile

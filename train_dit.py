@@ -72,6 +72,8 @@ mf_ratio = 0.25  # share of the batch with r != t; the rest has r = t, plain flo
 mf_omega = 1.0  # trained-in guidance: v~ = omega v + kappa u(z, t, t | y) + (1 - omega - kappa) u(z, t, t | null)
 mf_kappa = 0.5  # ... its effective scale omega / (1 - kappa); omega = 1, kappa = 0: no guidance
 mf_weight_p = 1.0  # adaptive loss weight 1 / (|u - u_tgt|^2 + 1e-3)^p; 0: the plain squared error
+mf_t = ()  # (mean, std): t = sigmoid(N(mean, std^2)), the larger of the pair; (): drawn as t_sampling says
+mf_r = ()  # the same for r, the smaller
 # model
 dim = 128
 n_layers = 6
@@ -119,6 +121,9 @@ check_choices(dataset=(dataset, DATASETS), dtype=(dtype, ('bfloat16', 'float32')
               attention=(attention, ('auto', 'sdpa', 'math', 'kernels')),
               t_sampling=(t_sampling, ('logit_normal', 'uniform', 'mode')), objective=(objective, ('rf', 'meanflow')),
               judge=(judge, ('', *JUDGES)), preset=(preset, ('auto', 'gpu', 'cpu', 'none')))
+for name, dist in (('mf_t', mf_t), ('mf_r', mf_r)):
+    if dist and not (len(dist) == 2 and all(isinstance(v, (int, float)) for v in dist) and 0 < dist[1] < 100):
+        die(f'{name} must be () or (mean, std) of a logit-normal draw, std > 0, e.g. --{name}="(-0.4,1.0)"; got {dist!r}')
 if eval_interval and (judge or dataset) not in JUDGES:
     die(f'--eval_interval judges samples with evaluate.py\'s classifiers (mnist, fashion_mnist, cifar10); for a folder '
         f'of images name one, e.g. --judge=cifar10 --judge_data_dir=DIR, or drop --eval_interval')
@@ -184,7 +189,8 @@ train_model = torch.compile(model) if compile else model
 if ddp:
     train_model = DDP(train_model, device_ids=[local_rank] if device_type == 'cuda' else None, forward_sync_buffers=False)
 if objective == 'meanflow':  # its jvp runs on the plain model (DDP cannot carry it), its loss's forward on train_model
-    flow = MeanFlow(model, t_sampling, mf_ratio, p_uncond, mf_omega, mf_kappa, weight_p=mf_weight_p)
+    flow = MeanFlow(model, t_sampling, mf_ratio, p_uncond, mf_omega, mf_kappa, weight_p=mf_weight_p, t_dist=mf_t,
+                    r_dist=mf_r)
 else:
     flow = RectifiedFlow(t_sampling)
 sample_steps = sample_steps or (1 if objective == 'meanflow' else 50)

@@ -419,8 +419,8 @@ class MeanFlow(RectifiedFlow):
 
     @torch.no_grad()
     def target(self, z, r, t, v, y=None):
-        """u_tgt = v - (t - r) du/dt, du/dt by torch.func.jvp along the tangent (v, 0, 1) of (z, r, t); in fp32 (a
-        target needs no bf16 speed, and autocast has no forward-mode rules) and without SDPA (no jvp either)."""
+        """u_tgt = v - (t - r) du/dt, du/dt by torch.func.jvp along the tangent (v, 0, 1) of (z, r, t); the jvp in fp32
+        (autocast has no forward-mode rules; v, guided, comes from the run's own precision) and without SDPA."""
         u = lambda z, r, t: self.net(z, t, y, r)
         with torch.autocast(z.device.type, enabled=False), jvp_attention(self.net), warnings.catch_warnings():
             warnings.filterwarnings('ignore', '`torch.jit.script` is deprecated')  # torch loads its own jvp rules by it

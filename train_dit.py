@@ -168,6 +168,10 @@ if init_from == 'resume':
     if model_args.get('mean_flow', False) != (objective == 'meanflow'):
         die(f'{ckpt_path} was trained with --objective={"meanflow" if model_args.get("mean_flow") else "rf"}, this run '
             f'has --objective={objective}: use that run\'s objective, or another --out_dir')
+    # MeanFlow's settings shape its target: a resumed run keeps its own, unless this command gives them
+    for k in ('mf_ratio', 'mf_omega', 'mf_kappa', 'mf_weight_p', 'mf_t', 'mf_r'):
+        if objective == 'meanflow' and k not in config_given and k in ckpt.get('config', {}):
+            config[k] = globals()[k] = ckpt['config'][k]
 train_seconds = ckpt.get('train_seconds', 0.0) if ckpt else 0.0  # wall clock of the run so far, evaluations excluded
 if H != W or H % model_args['patch_size']:
     die(f'images are {H}x{W}: they must be square with a side divisible by patch_size {model_args["patch_size"]}')
@@ -189,8 +193,8 @@ train_model = torch.compile(model) if compile else model
 if ddp:
     train_model = DDP(train_model, device_ids=[local_rank] if device_type == 'cuda' else None, forward_sync_buffers=False)
 if objective == 'meanflow':  # its jvp runs on the plain model (DDP cannot carry it), its loss's forward on train_model
-    flow = MeanFlow(model, t_sampling, mf_ratio, p_uncond, mf_omega, mf_kappa, weight_p=mf_weight_p, t_dist=mf_t,
-                    r_dist=mf_r)
+    flow = MeanFlow(model, t_sampling, mf_ratio, model_args['p_uncond'], mf_omega, mf_kappa, weight_p=mf_weight_p,
+                    t_dist=mf_t, r_dist=mf_r)  # the label dropout of the network's model_args, as a flow run's
 else:
     flow = RectifiedFlow(t_sampling)
 sample_steps = sample_steps or (1 if objective == 'meanflow' else 50)

@@ -108,20 +108,21 @@ def label_rows_trained(out_dir):
 
 def ema_grid(out_dir, z, y, steps, cfg, nrow):
     """The grey uint8 grid save_grid writes for a run's EMA samples from z, sampled as the training scripts do (bf16
-    autocast where this CPU has bf16 units, else fp32, as setup_precision decides; DiT: the CPU kernels' attention;
-    UNet: channels-last), on one thread so the numbers repeat."""
+    autocast where this CPU has bf16 units, else fp32, as setup_precision decides; DiT: the attention auto picks for
+    that dtype; UNet: channels-last), on one thread so the numbers repeat."""
     import torch
     from torchvision.utils import make_grid
-    from model import build_model, load_checkpoint, sample, setup_precision
+    from model import build_model, load_checkpoint, pick_attention, sample, setup_precision
     ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
     dit = 'dim' in ckpt['model_args']
-    model = build_model(ckpt['model_args'], attention='kernels')
+    ctx, dtype = setup_precision('cpu', 'bfloat16', lambda *a: None)
+    model = build_model(ckpt['model_args'], attention=pick_attention('auto', 'cpu', dtype))
     model.load_state_dict(ckpt['ema'])
     fmt = torch.contiguous_format if dit else torch.channels_last
     model = model.eval().to(memory_format=fmt)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    with setup_precision('cpu', 'bfloat16', lambda *a: None)[0]:
+    with ctx:
         x = sample(model, z.contiguous(memory_format=fmt), y, steps=steps, cfg=cfg)
     torch.set_num_threads(threads)
     g = make_grid((x.float().clamp(-1, 1) + 1) / 2, nrow=nrow, padding=2, pad_value=1.0)

@@ -93,7 +93,7 @@ def test_at_r_equal_t_the_loss_is_flow_matching(monkeypatch):
 @pytest.mark.parametrize('attention', ['kernels', 'sdpa', 'math'])
 def test_jvp_target_is_a_central_difference_along_the_path(attention):
     """u_tgt = v - (t - r) du/dt, du/dt the derivative of u(z + h v, r, t + h) at h = 0, against a central difference
-    (step 1e-4, small enough for the embedding of 1000 t). Called as train_dit.py calls it, under bf16 autocast, on a
+    (step 1e-4, small enough for the network's fastest frequency). Called as train_dit.py calls it, under bf16 autocast, on a
     network on each attention path: the jvp runs in fp32, through the CPU kernels' own jvp, or on the written-out
     softmax in place of SDPA (which has none), and the network's path is restored afterwards. Catches a tangent on r instead of t, a target without the
     d_t u term, a sign error."""
@@ -172,18 +172,20 @@ def test_known_average_velocity_lands_every_jump_on_the_exact_path(field):
 
 def test_loss_targets_every_row_by_the_identity(monkeypatch):
     """MeanFlow.loss runs the jvp on the rows with r < t only; every row's error must still be |u - u_tgt|^2 with
-    u_tgt = v - (t - r) du/dt, du/dt here a central difference of a field with a known u (rows with r = t: u_tgt = v).
-    Catches a jvp skipped or misplaced on some rows, a target left at v where r < t."""
+    u_tgt = v - (t - r) du/dt, v the guided velocity 2 (eps - x0) - u(z, t, t | null) and du/dt a central difference
+    along it of a field with a known u (rows with r = t: u_tgt = v). Catches a jvp skipped or misplaced on some rows, a
+    target left at v where r < t, a jvp along the unguided eps - x0."""
     m = ExponentialField()
     x0, y, eps = torch.randn(6, 1, 4, 4), torch.tensor([1, 2, 3, 4, 5, 6]), torch.randn(6, 1, 4, 4)
     t = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
     r = torch.tensor([0.1, 0.8, 0.3, 0.6, 0.0, 0.2])  # rows 1 and 3: r = t
     monkeypatch.setattr(torch, 'randn_like', lambda x: eps)
-    flow = MeanFlow(m, p_uncond=0.0, weight_p=0.0)
+    flow = MeanFlow(m, p_uncond=0.0, omega=2.0, weight_p=0.0)
     monkeypatch.setattr(flow, 'sample_tr', lambda n, device='cpu': (t, r))
     _, (_, per_sample) = flow.loss(m, x0, y)
-    tb, span, v = t.view(-1, 1, 1, 1), (t - r).view(-1, 1, 1, 1), eps - x0
+    tb, span = t.view(-1, 1, 1, 1), (t - r).view(-1, 1, 1, 1)
     z, h = (1 - tb) * x0 + tb * eps, 1e-3
+    v = 2 * (eps - x0) - m(z, t, torch.full_like(y, 10))  # the guided velocity: the target's v and the jvp's tangent
     dudt = (m(z + h * v, t + h, y, r) - m(z - h * v, t - h, y, r)) / (2 * h)
     want = ((m(z, t, y, r) - (v - span * dudt)) ** 2).mean(dim=(1, 2, 3))
     assert torch.allclose(per_sample, want, rtol=1e-4), (per_sample, want)
@@ -294,13 +296,16 @@ def read_log(out_dir):
 def test_train_resume_sample_and_evaluate_end_to_end(mnist_dir, tmp_path):
     """train_dit.py --objective=meanflow: a resumed run equals an uninterrupted one; the checkpoint says mean_flow, its
     closing samples are 1-step jumps of the EMA weights; sample.py's defaults draw its grid in 1 NFE and evaluate.py's
-    table has one meanflow row of 1 NFE without cfg; resuming it as a flow run stops with one line."""
+    table has one meanflow row of 1 NFE without cfg; resuming it as a flow run stops with one line. The resumed run
+    is not given the MeanFlow settings it started with: it keeps the checkpoint's (the defaults would train another
+    target)."""
     common = [f'--data_dir={mnist_dir}', '--batch_size=32', '--lr_decay_iters=12', '--ckpt_interval=100',
               '--learning_rate=2e-3', *MEANFLOW]
+    own = ['--mf_omega=1.5', '--mf_kappa=0.2', '--mf_ratio=0.5', '--mf_r=(-2.0,1.0)']
     a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
-    p = run('train_dit.py', f'--out_dir={a}', '--max_iters=12', *common, env={'PYTHONWARNINGS': 'default'})
+    p = run('train_dit.py', f'--out_dir={a}', '--max_iters=12', *common, *own, env={'PYTHONWARNINGS': 'default'})
     assert 'Warning' not in p.stderr, p.stderr  # torch's own jvp set-up warns once, which a user cannot act on
-    run('train_dit.py', f'--out_dir={b}', '--max_iters=5', *common)
+    run('train_dit.py', f'--out_dir={b}', '--max_iters=5', *common, *own)
     run('train_dit.py', f'--out_dir={b}', '--max_iters=12', '--init_from=resume', *common)
     ca, cb = load_checkpoint(os.path.join(a, 'ckpt.pt')), load_checkpoint(os.path.join(b, 'ckpt.pt'))
     for key in ('model', 'ema'):

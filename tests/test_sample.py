@@ -42,7 +42,8 @@ def test_sample_every_flow_checkpoint(which, side, rows, request, tmp_path):
         assert d['arr_1'].tolist() == [i % 10 for i in range(23)]
     # the npz holds the model's samples: its first batch of 10, recomputed from sample.py's seeded noise as sample.py
     # draws them by default (bf16 autocast, attention auto), on one thread like the script under test
-    model, _ = load_flow_model(os.path.join(out, 'ckpt.pt'), attention=pick_attention('auto', 'cpu', 'bfloat16'))
+    dtype = setup_precision('cpu', 'bfloat16', lambda *a: None)[1]
+    model, _ = load_flow_model(os.path.join(out, 'ckpt.pt'), attention=pick_attention('auto', 'cpu', dtype))
     z = torch.randn(10, 1, side, side, generator=torch.Generator().manual_seed(1000))
     y = torch.arange(10) if which != 'flow_run' else None
     threads = torch.get_num_threads()

@@ -43,7 +43,7 @@ npz = ''  # evaluate these samples (arr_0 uint8 NxHxWxC, arr_1 labels) instead o
 dataset = ''  # '' = the checkpoint's dataset (for an npz: the judge's, else mnist)
 data_dir = 'data'
 num_samples = 1000
-solver = None  # euler | midpoint | heun | rk4 | meanflow (MeanFlow's jump); None: euler, or meanflow for a MeanFlow model
+solver = ''  # euler | midpoint | heun | rk4 | meanflow (MeanFlow's jump); '': euler, or meanflow for a MeanFlow model
 steps = None  # None: 50, or 1 for a MeanFlow model
 cfg = None  # guidance of the runs that name none; None: 2.0, or none at all for an unconditional or MeanFlow model
 shift = 1.0
@@ -358,7 +358,7 @@ if __name__ == '__main__':
     cfg_given = cfg is not None or any(g is not None for _, _, g in settings)
     settings = [(s, n, (2.0 if cfg is None else cfg) if g is None else g) for s, n, g in settings]
     for s, n, g in settings:
-        if s not in (None, *NFE_PER_STEP, 'meanflow'):
+        if s not in ('', *NFE_PER_STEP, 'meanflow'):
             die(f"unknown solver {s!r}: choose one of {', '.join(NFE_PER_STEP)} or meanflow")
         if n is not None and not 1 <= n <= 10 ** 7:
             die(f'steps must be at least 1 (and at most 10000000), got {n}')
@@ -399,14 +399,13 @@ if __name__ == '__main__':
         if not num_classes and cfg_given:
             die(f'{ckpt_path} is an unconditional model: guidance needs classes, drop cfg (--cfg, a config file, the cfg in --runs)')
         mean_flow = checkpoint['model_args'].get('mean_flow', False)  # MeanFlow: its own jump, one evaluation a step
-        if mean_flow and (cfg_given or any(s not in (None, 'meanflow') for s, _, _ in settings)):
+        if mean_flow and (cfg_given or any(s not in ('', 'meanflow') for s, _, _ in settings)):
             die(f'{ckpt_path} is a MeanFlow model: it samples by its own jump with its guidance trained in; drop cfg and '
                 f'solvers (--cfg, --solver, a config file, --runs=meanflow:STEPS)')
         if not mean_flow and any(s == 'meanflow' for s, _, _ in settings):
             die(f'{ckpt_path} is a flow model, not MeanFlow: choose the solver {" | ".join(NFE_PER_STEP)}')
-        settings = [(s or ('meanflow' if mean_flow else 'euler'), n or (1 if mean_flow else 50), g)
-                    for s, n, g in settings]
         del checkpoint
+    settings = [(s or ('meanflow' if mean_flow else 'euler'), n or (1 if mean_flow else 50), g) for s, n, g in settings]
 
     judge = judge or (dataset if dataset in RECIPES else '')
     if not judge:

@@ -26,7 +26,7 @@ out_dir = 'out/dit_mnist'
 ckpt = ''  # '' = out_dir/ckpt.pt
 steps = None  # None: 50, or 1 for a MeanFlow model
 cfg = None  # guidance v = v_uncond + cfg (v_cond - v_uncond); None: 2.0, or none for an unconditional or MeanFlow model
-solver = None  # euler | midpoint | heun | rk4 | meanflow (MeanFlow's jump); None: euler, or meanflow for a MeanFlow model
+solver = ''  # euler | midpoint | heun | rk4 | meanflow (MeanFlow's jump); '': euler, or meanflow for a MeanFlow model
 shift = 1.0  # SD3 time-grid shift (1 = uniform grid)
 gif = False
 sweep = ''  # '' | steps | cfg
@@ -49,7 +49,7 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator
 # -----------------------------------------------------------------------------
 
 
-if solver not in (None, *NFE_PER_STEP, 'meanflow'):
+if solver not in ('', *NFE_PER_STEP, 'meanflow'):
     die(f"unknown solver {solver!r}: choose one of {', '.join(NFE_PER_STEP)} or meanflow")
 if sweep not in ('', 'steps', 'cfg'):
     die(f"unknown sweep {sweep!r}: choose steps or cfg")
@@ -71,7 +71,7 @@ num_classes = model.num_classes
 conditional = num_classes > 0
 mean_flow = checkpoint['model_args'].get('mean_flow', False)  # MeanFlow: its own jump, one evaluation a step
 del checkpoint
-if mean_flow and solver not in (None, 'meanflow'):
+if mean_flow and solver not in ('', 'meanflow'):
     die(f'{ckpt_path} is a MeanFlow model: it samples by its own jump (--solver=meanflow), not {solver}; drop --solver')
 if mean_flow and (cfg is not None or sweep == 'cfg'):
     die(f'{ckpt_path} is a MeanFlow model: its guidance is trained in (train_dit.py\'s mf_omega, mf_kappa), drop '

@@ -94,7 +94,7 @@ config_domains = dict(  # each number's domain: a kind of configurator.py (count
     lr_decay_iters=(-1, 10 ** 7), weight_decay='nonneg', beta1='decay', beta2='decay', grad_clip='positive',
     ema_decay='decay', seed='seed',  # training
     p_uncond='prob', sample_steps='count', sample_cfg='nonneg',  # flow
-    mf_ratio='prob', mf_omega='nonneg', mf_kappa=(0, 0.99), mf_weight_p=(0, 2),  # MeanFlow
+    mf_ratio='prob', mf_omega='nonneg', mf_kappa='decay', mf_weight_p=(0, 2),  # MeanFlow
     dim='size', n_layers='size', n_heads='size', patch_size='size', stem_channels='size')  # model
 config_keys = [k for k, v in globals().items()  # the settings configurator.py may change, as nanoGPT declares them
                if not k.startswith('_') and k.islower() and isinstance(v, (bool, int, float, str, tuple, list, type(None)))]

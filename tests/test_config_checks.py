@@ -18,7 +18,8 @@ SCRIPTS = ['train_dit.py', 'train_flow_unet.py', 'train_class_cfg.py', 'train_de
            'ideal_machines.py', 'bench.py']
 TRAIN_ZERO_OK = {'image_size', 'beta1', 'beta2', 'max_iters', 'warmup_iters', 'lr_decay_iters', 'min_lr', 'weight_decay', 'ema_decay', 'seed'}
 ZERO_OK = {  # the numbers for which 0 is a legal value ("off", "the default", a class, a seed, a decay...)
-    'train_dit.py': TRAIN_ZERO_OK | {'sample_interval', 'eval_interval', 'p_uncond', 'sample_cfg'},
+    'train_dit.py': TRAIN_ZERO_OK | {'sample_interval', 'eval_interval', 'p_uncond', 'sample_cfg', 'mf_ratio', 'mf_omega',
+                                     'mf_kappa', 'mf_weight_p'},
     'train_flow_unet.py': TRAIN_ZERO_OK | {'attn_levels'},  # level 0: attention at full resolution
     'train_class_cfg.py': TRAIN_ZERO_OK | {'p_uncond', 'sample_cfg'},
     'train_denoiser.py': TRAIN_ZERO_OK | {'sigma', 'sigmas'},

@@ -121,9 +121,9 @@ check_choices(dataset=(dataset, DATASETS), dtype=(dtype, ('bfloat16', 'float32')
               attention=(attention, ('auto', 'sdpa', 'math', 'kernels')),
               t_sampling=(t_sampling, ('logit_normal', 'uniform', 'mode')), objective=(objective, ('rf', 'meanflow')),
               judge=(judge, ('', *JUDGES)), preset=(preset, ('auto', 'gpu', 'cpu', 'none')))
-for name, dist in (('mf_t', mf_t), ('mf_r', mf_r)):
-    if dist and not (len(dist) == 2 and all(isinstance(v, (int, float)) for v in dist) and 0 < dist[1] < 100):
-        die(f'{name} must be () or (mean, std) of a logit-normal draw, std > 0, e.g. --{name}="(-0.4,1.0)"; got {dist!r}')
+for name, pair in (('mf_t', mf_t), ('mf_r', mf_r)):
+    if pair and not (len(pair) == 2 and all(isinstance(v, (int, float)) for v in pair) and 0 < pair[1] < 100):
+        die(f'{name} must be () or (mean, std) of a logit-normal draw, std > 0, e.g. --{name}="(-0.4,1.0)"; got {pair!r}')
 if eval_interval and (judge or dataset) not in JUDGES:
     die(f'--eval_interval judges samples with evaluate.py\'s classifiers (mnist, fashion_mnist, cifar10); for a folder '
         f'of images name one, e.g. --judge=cifar10 --judge_data_dir=DIR, or drop --eval_interval')

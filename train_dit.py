@@ -296,7 +296,7 @@ log(f'DiT-LLaMA {n_params / 1e6:.2f}M params | {dataset} {len(x_all)} images {C}
     f'{world_size} process(es) on {device}, {dtype} | batch {batch_size}, {iters_per_epoch} iters/epoch, '
     f'iters {iter_num} -> {max_iters}', flush=True)
 if compile:
-    log('torch.compile: the first iteration compiles the model (about 25 s on a 2-core CPU; --compile=False: eager)')
+    log('torch.compile: the first iteration compiles the model (up to a minute on a 2-core CPU; --compile=False: eager)')
 
 # training loop
 t_seen, loss_seen = [], []  # per-sample (t, loss) of the last 200 iterations, kept on the device, for loss_vs_t.png

@@ -46,9 +46,14 @@ def script_globals(script):
 
 
 def preset_settings():
-    """{script: [(preset file, {key: value})]} for every preset in config/, by the script its comment names."""
+    """{script: [(preset file, {key: value})]} for every dataset's preset in config/ (the GPU and CPU files train_dit.py
+    chooses from, its PRESETS; other config files are a user's choice), by the script its comment names."""
+    names = script_globals('train_dit.py')['PRESETS'].values()
+    chosen = {f'{name}{kind}.py' for name in names for kind in ('', '_cpu')}
     presets = {}
     for path in sorted(glob.glob(os.path.join(ROOT, 'config', '*.py'))):
+        if os.path.basename(path) not in chosen:
+            continue
         text = open(path, encoding='utf-8').read()
         script = re.search(r'(\w+\.py) config/', text).group(1)
         values = {t.id: ast.literal_eval(node.value) for node in ast.parse(text).body if isinstance(node, ast.Assign)

@@ -389,7 +389,7 @@ if __name__ == '__main__':
                 f'{y_npz.shape} for {len(x_npz)} samples')
         dataset, channels = dataset or judge or 'mnist', x_npz.shape[3]
         num_classes = int(y_npz.max()) + 1 if y_npz is not None and len(np.unique(y_npz)) > 1 else 0
-        settings = [('npz', 0, float('nan'))]
+        settings = [('npz', None, None)]  # samples made elsewhere: no steps, NFE or cfg of ours to report
     else:
         ckpt_path = ckpt or os.path.join(out_dir, 'ckpt.pt')
         model, checkpoint = load_flow_model(ckpt_path, device, use_ema,
@@ -405,7 +405,8 @@ if __name__ == '__main__':
         if not mean_flow and any(s == 'meanflow' for s, _, _ in settings):
             die(f'{ckpt_path} is a flow model, not MeanFlow: choose the solver {" | ".join(NFE_PER_STEP)}')
         del checkpoint
-    settings = [(s or ('meanflow' if mean_flow else 'euler'), n or (1 if mean_flow else 50), g) for s, n, g in settings]
+    if not npz:
+        settings = [(s or ('meanflow' if mean_flow else 'euler'), n or (1 if mean_flow else 50), g) for s, n, g in settings]
 
     judge = judge or (dataset if dataset in RECIPES else '')
     if not judge:
@@ -431,7 +432,8 @@ if __name__ == '__main__':
         else:
             x, y, sec = generate(s, n_steps, g)
         per_step = 1 if mean_flow else NFE_PER_STEP.get(s, 0)  # network evaluations a step
-        rows.append(dict(solver=s, steps=n_steps, nfe=n_steps * per_step, cfg=g if num_classes and not mean_flow else None,
+        rows.append(dict(solver=s, steps=n_steps, nfe=n_steps and n_steps * per_step,
+                         cfg=g if num_classes and not mean_flow else None,
                          num_samples=len(x), sec_per_sample=sec, **score(x, y if num_classes else None)))
     real = None
     if classifier is not None:  # the floor: as many held-out real test images, scored the same way

@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import run
+from conftest import run, run_here
 from evaluate import feature_stats, frechet_distance
 
 
@@ -61,7 +61,8 @@ def test_evaluate_checkpoint_table_and_json(cfg_run, mnist_dir, classifier, tmp_
 
 
 def test_evaluate_npz_of_real_images_scores_well(mnist_dir, classifier, cfg_run, tmp_path):
-    """Real test images, labelled correctly, are recognised; the same images with shuffled labels are not."""
+    """Real test images, labelled correctly, are recognised; the same images with shuffled labels are not. Their row
+    reports no steps, NFE or cfg: the samples were not made here."""
     import torch
     from model import load_dataset, resize, to_model_range, to_uint8
     if not os.path.isfile(classifier):  # made by the test above; train it here when run alone
@@ -76,6 +77,7 @@ def test_evaluate_npz_of_real_images_scores_well(mnist_dir, classifier, cfg_run,
             '--inception=off')
         row = json.load(open(str(tmp_path / f'{name}_eval.json')))['rows'][0]
         assert (row['acc'] > 0.9) if ok else (row['acc'] < 0.1)
+        assert (row['solver'], row['steps'], row['nfe'], row['cfg']) == ('npz', None, None, None)  # none of ours
 
 
 @pytest.mark.parametrize('args,msg', [
@@ -86,8 +88,8 @@ def test_evaluate_npz_of_real_images_scores_well(mnist_dir, classifier, cfg_run,
     (['--runs=euler:0:2'], 'steps must be at least 1'),
 ])
 def test_evaluate_bad_input(cfg_run, mnist_dir, classifier, args, msg):
-    p = run('evaluate.py', f'--out_dir={cfg_run[0]}', f'--data_dir={mnist_dir}', f'--classifier_path={classifier}',
-            '--num_samples=4', '--classifier_epochs=1', '--inception=off', *args, check=False)
+    p = run_here('evaluate.py', f'--out_dir={cfg_run[0]}', f'--data_dir={mnist_dir}', f'--classifier_path={classifier}',
+                 '--num_samples=4', '--classifier_epochs=1', '--inception=off', *args)
     assert p.returncode != 0 and msg in p.stderr and 'Traceback' not in p.stderr
 
 

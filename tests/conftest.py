@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 
 os.environ['CUDA_VISIBLE_DEVICES'] = ''  # the suite runs on the CPU, also on a GPU machine (set before torch starts CUDA)
+if int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1')) > 1:  # pytest -n N: share the cores among the N workers
+    import torch
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ['PYTEST_XDIST_WORKER_COUNT'])))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a tiny DiT so each end-to-end run takes seconds
 TINY_DIT = ['--dim=32', '--n_layers=2', '--n_heads=2', '--stem_channels=8', '--sample_steps=2', '--warmup_iters=0',
@@ -78,14 +81,19 @@ def write_cifar10(data_dir, n_per_batch=40, images=fake_images):
     return data_dir
 
 
-def run(script, *args, env=None, check=True, torchrun=0):
-    """Run a script from the repo root in a fresh process; returns the CompletedProcess. train_dit.py runs eager unless
-    the test passes --compile (its default compiles, slow to start; test_train_dit checks that path), and without the
-    dataset's preset unless the test passes --preset."""
+def with_test_defaults(script, args):
+    """train_dit.py runs eager unless the test passes --compile (its default compiles, slow to start; test_train_dit
+    checks that path), and without the dataset's preset unless the test passes --preset."""
     if script == 'train_dit.py' and not any(a.startswith('--compile') for a in args):
         args = (*args, '--compile=False')
     if script == 'train_dit.py' and not any(a.startswith('--preset') for a in args):
         args = (*args, '--preset=none')  # the script's own defaults under the tests' settings (test_presets: the presets)
+    return args
+
+
+def run(script, *args, env=None, check=True, torchrun=0):
+    """Run a script from the repo root in a fresh process, as with_test_defaults says; returns the CompletedProcess."""
+    args = with_test_defaults(script, args)
     cmd = [sys.executable, os.path.join(ROOT, script), *args]
     if torchrun:
         cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={torchrun}',
@@ -95,6 +103,44 @@ def run(script, *args, env=None, check=True, torchrun=0):
     if check and p.returncode != 0:
         raise AssertionError(f'{" ".join(cmd)} exited {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}')
     return p
+
+
+def run_here(script, *args):
+    """`python script *args` run in this process, for the one-line errors that stop a script before any work: no fresh
+    interpreter to start and no torch to import for each. Returns a CompletedProcess as run() does. An exception is
+    handed to sys.excepthook as the interpreter would (exit code 1), so a traceback shows in stderr as it would in a
+    fresh process. What a script sets for itself (argv, cwd, RNG, grad mode, excepthook, signal handlers, warning
+    filters) is put back after it."""
+    import contextlib
+    import io
+    import runpy
+    import signal
+    import warnings
+    import torch
+    out, err, code, args = io.StringIO(), io.StringIO(), 0, with_test_defaults(script, args)
+    argv, cwd, hook, grad = sys.argv, os.getcwd(), sys.excepthook, torch.is_grad_enabled()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        sys.argv = [os.path.join(ROOT, script), *args]
+        os.chdir(ROOT)
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings(), contextlib.redirect_stdout(out), \
+                contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(os.path.join(ROOT, script), run_name='__main__')
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+                if isinstance(e.code, str):
+                    print(e.code, file=sys.stderr)
+            except Exception as e:
+                sys.excepthook(type(e), e, e.__traceback__)
+                code = 1
+    finally:
+        sys.argv, sys.excepthook = argv, hook
+        os.chdir(cwd)
+        torch.set_grad_enabled(grad)
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
 
 
 def label_rows_trained(out_dir):

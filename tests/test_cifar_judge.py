@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_DIT, fake_colour_images, run, write_cifar10, write_image_folder
+from conftest import TINY_DIT, fake_colour_images, run, run_here, write_cifar10, write_image_folder
 from model import load_dataset
 
 EPOCHS = '--classifier_epochs=10'  # 500 fake images: 30 iterations, a few seconds
@@ -146,7 +146,7 @@ def test_cifar_judge_bad_input(case, msg, pickles, tmp_path):
         args[0] = '--judge=imagenet'
     elif case == 'grey':
         npz = npz_of(str(tmp_path / 's.npz'), torch.from_numpy(x[:, :1]), y)
-    one_line_error(run('evaluate.py', f'--npz={npz}', *args, f'--classifier_path={clf}', '--inception=off', check=False), msg)
+    one_line_error(run_here('evaluate.py', f'--npz={npz}', *args, f'--classifier_path={clf}', '--inception=off'), msg)
     assert not os.path.exists(tmp_path / 's_eval.json') and (case == 'other') == os.path.exists(clf)
 
 

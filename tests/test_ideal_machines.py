@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import ideal_machines as im
-from conftest import run
+from conftest import run, run_here
 from model import load_dataset, load_flow_model, resize, sample, to_model_range
 
 
@@ -235,8 +235,8 @@ def test_bad_input(flow_run, mnist_dir, tmp_path, args, msg):
     noise = str(tmp_path / 'bad.pt')
     torch.save(torch.randn(2, 1, 32, 32), noise)
     args = [a.replace('NOISE', noise) for a in args]
-    p = run('ideal_machines.py', f'--ckpt={os.path.join(flow_run[0], "ckpt.pt")}', f'--data_dir={mnist_dir}',
-            f'--out_dir={tmp_path}', '--num_train=8', '--steps=1', *args, check=False)
+    p = run_here('ideal_machines.py', f'--ckpt={os.path.join(flow_run[0], "ckpt.pt")}', f'--data_dir={mnist_dir}',
+                 f'--out_dir={tmp_path}', '--num_train=8', '--steps=1', *args)
     assert p.returncode != 0 and msg in p.stderr and 'Traceback' not in p.stderr
 
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT
 
 README = os.path.join(ROOT, 'README.md')
-TEST_COMMAND = 'python -m pytest -q tests'
+TEST_COMMAND = 'python -m pytest -q -n auto tests'
 # the data folder of the machines this project is developed on, which users do not have: built here, not written out,
 # so that this file does not hold the string it looks for
 PRIVATE_PATHS = ('..' + '/shared', '/work' + '/shared')

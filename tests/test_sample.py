@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
-from conftest import run
+from conftest import run, run_here
 from model import load_flow_model, pick_attention, sample, setup_precision, to_uint8
 
 
@@ -80,7 +80,7 @@ def test_sweeps_write_one_figure(dit_run, sweep, labels):
 
 def test_sample_bad_input(dit_run, flow_run, mnist_dir, tmp_path):
     def error(*args):
-        p = run('sample.py', *args, check=False)
+        p = run_here('sample.py', *args)
         assert p.returncode != 0 and 'Traceback' not in p.stderr
         return p.stderr
     (tmp_path / 'junk.pt').write_text('junk')

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_DIT, ema_grid, label_rows_trained, run
+from conftest import TINY_DIT, ema_grid, label_rows_trained, run, run_here
 from model import DiT_Llama, load_checkpoint, load_dataset
 
 
@@ -183,10 +183,10 @@ def one_line_error(p, *words):
 
 def test_bad_input_errors(mnist_dir, tmp_path):
     out = str(tmp_path / 'never')
-    one_line_error(run('train_dit.py', '--dataset=imagenet', f'--out_dir={out}', check=False), "unknown dataset 'imagenet'")
-    one_line_error(run('train_dit.py', f'--data_dir={tmp_path / "empty"}', f'--out_dir={out}', '--download=False', check=False),
+    one_line_error(run_here('train_dit.py', '--dataset=imagenet', f'--out_dir={out}'), "unknown dataset 'imagenet'")
+    one_line_error(run_here('train_dit.py', f'--data_dir={tmp_path / "empty"}', f'--out_dir={out}', '--download=False'),
                    'mnist not found', 'train-images-idx3-ubyte', '--data_dir')
-    one_line_error(run('train_dit.py', f'--data_dir={mnist_dir}', f'--out_dir={out}', '--init_from=resume', check=False),
+    one_line_error(run_here('train_dit.py', f'--data_dir={mnist_dir}', f'--out_dir={out}', '--init_from=resume'),
                    'no checkpoint', '--init_from=scratch')
     one_line_error(run('train_dit.py', f'--data_dir={mnist_dir}', f'--out_dir={out}', '--batch_size=33', check=False,
                        env=dict(RANK='0', LOCAL_RANK='0', WORLD_SIZE='2')), 'not divisible by 2')
@@ -194,7 +194,7 @@ def test_bad_input_errors(mnist_dir, tmp_path):
     bad = tmp_path / 'bad'
     bad.mkdir()
     (bad / 'ckpt.pt').write_bytes(b'not a checkpoint')
-    one_line_error(run('train_dit.py', f'--data_dir={mnist_dir}', f'--out_dir={bad}', '--init_from=resume', check=False),
+    one_line_error(run_here('train_dit.py', f'--data_dir={mnist_dir}', f'--out_dir={bad}', '--init_from=resume'),
                    'cannot read checkpoint')
     assert (bad / 'ckpt.pt').read_bytes() == b'not a checkpoint' and os.listdir(bad) == ['ckpt.pt']
 

@@ -294,7 +294,7 @@ def test_the_design_cards_commands_as_typed(tmp_path):
     assert train.returncode == 0, train.stderr
     assert train.stdout.startswith('preset: config/dit_mnist_cpu.py (no GPU found; --preset=gpu')
     ckpt = load_checkpoint(str(tmp_path / 'out' / 'dit_mnist' / 'ckpt.pt'))
-    assert (ckpt['model_args']['patch_size'], ckpt['model_args']['stem_channels']) == (4, 16)  # the CPU preset's net
+    assert (ckpt['model_args']['patch_size'], ckpt['model_args']['stem_channels']) == (7, 16)  # the CPU preset's net
     assert ckpt['config']['max_iters'] == 3 and ckpt['config']['batch_size'] == 64
     assert 'Warning' not in train.stderr and 'CUDA' not in train.stdout + train.stderr
     p = subprocess.run([sys.executable, os.path.join(ROOT, 'sample.py'), '--steps=50', '--cfg=2.0', '--gif'],

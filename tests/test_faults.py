@@ -18,7 +18,7 @@ from PIL import Image
 import model
 from conftest import ROOT, TINY_DIT, TINY_UNET, run
 from model import load_checkpoint, load_dataset
-from test_config_checks import run_here
+from test_config_checks import run_bare
 
 # lr_decay_iters: the learning rate does not depend on max_iters, so runs of any length compare
 DIT = [*TINY_DIT, '--batch_size=32', '--dtype=float32', '--lr_decay_iters=12', '--ckpt_interval=100',
@@ -69,7 +69,7 @@ def here(capsys, monkeypatch):
     installs are put back after it."""
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     monkeypatch.setattr(sys, 'excepthook', sys.excepthook)
-    yield lambda script, *args: run_here(script, list(args), capsys, monkeypatch)
+    yield lambda script, *args: run_bare(script, list(args), capsys, monkeypatch)
     for s, h in handlers.items():
         signal.signal(s, h)
 

@@ -12,7 +12,7 @@ import torch
 import model
 from conftest import TINY_DIT, TINY_UNET
 from model import cosine_lr
-from test_config_checks import run_here
+from test_config_checks import run_bare
 
 SCRIPTS = ['train_dit.py', 'train_flow_unet.py', 'train_class_cfg.py', 'train_denoiser.py']
 TINY = {'train_dit.py': [*TINY_DIT, '--batch_size=32', '--compile=False', '--preset=none', '--sample_interval=0'],
@@ -71,7 +71,7 @@ def received(monkeypatch):
 
 def train(script, mnist_dir, out, capsys, monkeypatch, *args):
     monkeypatch.setattr(sys, 'excepthook', sys.excepthook)  # put back after the script's own
-    code, stdout, err = run_here(script, [f'--data_dir={mnist_dir}', f'--out_dir={out}', *TINY.get(script, TINY_UNET),
+    code, stdout, err = run_bare(script, [f'--data_dir={mnist_dir}', f'--out_dir={out}', *TINY.get(script, TINY_UNET),
                                      '--dtype=float32', *args], capsys, monkeypatch)
     assert code in (0, None), err
     return stdout

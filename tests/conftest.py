@@ -105,12 +105,12 @@ def run(script, *args, env=None, check=True, torchrun=0):
     return p
 
 
-def run_here(script, *args):
+def run_here(script, *args, check=False):
     """`python script *args` run in this process, for the one-line errors that stop a script before any work: no fresh
     interpreter to start and no torch to import for each. Returns a CompletedProcess as run() does. An exception is
     handed to sys.excepthook as the interpreter would (exit code 1), so a traceback shows in stderr as it would in a
     fresh process. What a script sets for itself (argv, cwd, RNG, grad mode, excepthook, signal handlers, warning
-    filters) is put back after it."""
+    filters) is put back after it. check=True: a nonzero exit fails the test with the script's output, as run() does."""
     import contextlib
     import io
     import runpy
@@ -140,7 +140,10 @@ def run_here(script, *args):
         torch.set_grad_enabled(grad)
         for s, h in handlers.items():
             signal.signal(s, h)
-    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+    p = subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f'{script} {" ".join(args)} exited {code}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}')
+    return p
 
 
 def label_rows_trained(out_dir):

@@ -45,9 +45,9 @@ def test_evaluate_checkpoint_table_and_json(cfg_run, mnist_dir, classifier, tmp_
     out, _ = cfg_run
     js = str(tmp_path / 'eval.json')
     t0 = time.time()
-    p = run('evaluate.py', f'--out_dir={out}', f'--data_dir={mnist_dir}', f'--classifier_path={classifier}',
-            '--classifier_epochs=40', '--num_samples=30', '--batch_size=16', '--runs=euler:2:2,heun:2:2,euler:2:0',
-            '--inception=off', f'--out_json={js}')
+    p = run_here('evaluate.py', f'--out_dir={out}', f'--data_dir={mnist_dir}', f'--classifier_path={classifier}',
+                 '--classifier_epochs=40', '--num_samples=30', '--batch_size=16',
+                 '--runs=euler:2:2,heun:2:2,euler:2:0', '--inception=off', f'--out_json={js}', check=True)
     wall = time.time() - t0
     assert 'test accuracy' in p.stdout and os.path.isfile(classifier)
     r = json.load(open(js))
@@ -66,15 +66,16 @@ def test_evaluate_npz_of_real_images_scores_well(mnist_dir, classifier, cfg_run,
     import torch
     from model import load_dataset, resize, to_model_range, to_uint8
     if not os.path.isfile(classifier):  # made by the test above; train it here when run alone
-        run('evaluate.py', f'--out_dir={cfg_run[0]}', f'--data_dir={mnist_dir}', f'--classifier_path={classifier}',
-            '--classifier_epochs=40', '--num_samples=4', '--inception=off', f'--out_json={tmp_path / "x.json"}')
+        run_here('evaluate.py', f'--out_dir={cfg_run[0]}', f'--data_dir={mnist_dir}', f'--classifier_path={classifier}',
+                 '--classifier_epochs=40', '--num_samples=4', '--inception=off', f'--out_json={tmp_path / "x.json"}',
+                 check=True)
     x, y = load_dataset('mnist', mnist_dir, train=False, download=False)
     imgs = to_uint8(resize(to_model_range(x), 32))
     for name, labels, ok in (('right', y.numpy(), True), ('wrong', (y.numpy() + 1) % 10, False)):
         path = str(tmp_path / f'{name}.npz')
         np.savez(path, arr_0=imgs, arr_1=labels)
-        run('evaluate.py', f'--npz={path}', f'--data_dir={mnist_dir}', f'--classifier_path={classifier}',
-            '--inception=off')
+        run_here('evaluate.py', f'--npz={path}', f'--data_dir={mnist_dir}', f'--classifier_path={classifier}',
+                 '--inception=off', check=True)
         row = json.load(open(str(tmp_path / f'{name}_eval.json')))['rows'][0]
         assert (row['acc'] > 0.9) if ok else (row['acc'] < 0.1)
         assert (row['solver'], row['steps'], row['nfe'], row['cfg']) == ('npz', None, None, None)  # none of ours
@@ -97,8 +98,8 @@ def test_evaluate_refuses_the_denoiser(mnist_dir, tmp_path):
     out = str(tmp_path / 'den')
     run('train_denoiser.py', f'--data_dir={mnist_dir}', f'--out_dir={out}', '--max_iters=2', '--base_channels=8',
         '--channel_mult=(1,2)', '--download=False', '--batch_size=32', '--warmup_iters=0')
-    p = run('evaluate.py', f'--out_dir={out}', f'--data_dir={mnist_dir}', f'--classifier_path={tmp_path / "clf.pt"}',
-            '--inception=off', check=False)
+    p = run_here('evaluate.py', f'--out_dir={out}', f'--data_dir={mnist_dir}',
+                 f'--classifier_path={tmp_path / "clf.pt"}', '--inception=off')
     assert p.returncode != 0 and 'not a flow model' in p.stderr
 
 
@@ -112,14 +113,14 @@ def test_inception_fid_from_a_local_weights_file(mnist_dir, classifier, tmp_path
     torch.manual_seed(0)
     torch.save(inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(), weights)
     x, _ = load_dataset('mnist', mnist_dir, download=False)
-    ref = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:12]]  # evaluate.py's reference draw
-    noise = np.random.default_rng(0).integers(0, 256, size=(12, 28, 28, 1), dtype=np.uint8)
+    ref = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:4]]  # evaluate.py's reference draw
+    noise = np.random.default_rng(0).integers(0, 256, size=(4, 28, 28, 1), dtype=np.uint8)
     fid = {}
     for name, imgs in (('real', ref.permute(0, 2, 3, 1).numpy()), ('noise', noise)):
         np.savez(tmp_path / f'{name}.npz', arr_0=imgs)
-        run('evaluate.py', f'--npz={tmp_path / name}.npz', f'--data_dir={mnist_dir}', f'--classifier_path={classifier}',
-            '--classifier_epochs=1', f'--inception_weights={weights}', '--num_ref=12',
-            f'--inception_stats={tmp_path / "stats.npz"}')
+        run_here('evaluate.py', f'--npz={tmp_path / name}.npz', f'--data_dir={mnist_dir}',
+                 f'--classifier_path={classifier}', '--classifier_epochs=1', f'--inception_weights={weights}',
+                 '--num_ref=4', f'--inception_stats={tmp_path / "stats.npz"}', check=True)
         fid[name] = json.load(open(tmp_path / f'{name}_eval.json'))['rows'][0]['fid_inception']
     assert os.path.isfile(tmp_path / 'stats.npz')
     assert fid['noise'] > 0 and abs(fid['real']) < 1e-5 * fid['noise'], fid  # (random weights: tiny features)
@@ -127,11 +128,12 @@ def test_inception_fid_from_a_local_weights_file(mnist_dir, classifier, tmp_path
 
 def test_evaluate_unconditional_model(flow_run, mnist_dir, classifier, tmp_path):
     js = str(tmp_path / 'u.json')
-    run('evaluate.py', f'--out_dir={flow_run[0]}', f'--data_dir={mnist_dir}', f'--classifier_path={classifier}',
-        '--classifier_epochs=40', '--num_samples=8', '--runs=euler:2,midpoint:2', '--inception=off', f'--out_json={js}')
+    run_here('evaluate.py', f'--out_dir={flow_run[0]}', f'--data_dir={mnist_dir}', f'--classifier_path={classifier}',
+             '--classifier_epochs=40', '--num_samples=8', '--runs=euler:2,midpoint:2', '--inception=off',
+             f'--out_json={js}', check=True)
     rows = json.load(open(js))['rows']
     assert [(r['nfe'], r['cfg'], r['acc']) for r in rows] == [(2, None, None), (4, None, None)]
     assert abs(rows[0]['fid_cls'] - rows[1]['fid_cls']) > 1e-6 * rows[0]['fid_cls']  # the solver is used, not echoed
-    p = run('evaluate.py', f'--out_dir={flow_run[0]}', f'--data_dir={mnist_dir}', f'--classifier_path={classifier}',
-            '--cfg=2', check=False)
+    p = run_here('evaluate.py', f'--out_dir={flow_run[0]}', f'--data_dir={mnist_dir}', f'--classifier_path={classifier}',
+                 '--cfg=2')
     assert p.returncode != 0 and 'unconditional model' in p.stderr

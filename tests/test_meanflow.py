@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from conftest import TINY_DIT, run
+from conftest import TINY_DIT, run, run_here
 from model import (Batches, DiT_Llama, MeanFlow, RectifiedFlow, build_model, load_checkpoint, load_dataset,
                    load_flow_model, pick_attention, sample, sample_mean_flow, to_uint8)
 
@@ -324,18 +324,18 @@ def test_train_resume_sample_and_evaluate_end_to_end(mnist_dir, tmp_path):
     grid = np.asarray(Image.open(os.path.join(a, 'samples.png')).convert('L')).astype(float)
     gap = lambda steps: np.abs(grid - grey_grid(sample_mean_flow(model, z, y, steps=steps))).mean()
     assert gap(1) < 0.05 and gap(2) > 0.1  # grey levels
-    p = run('sample.py', f'--out_dir={a}', '--dtype=float32')
+    p = run_here('sample.py', f'--out_dir={a}', '--dtype=float32', check=True)
     assert 'samples_meanflow1.png: 80 samples, meanflow 1 steps = 1 NFE' in p.stdout
     js, clf = str(tmp_path / 'eval.json'), str(tmp_path / 'clf.pt')
-    p = run('evaluate.py', f'--out_dir={a}', f'--data_dir={mnist_dir}', f'--classifier_path={clf}', '--classifier_epochs=2',
-            '--num_samples=20', '--inception=off', f'--out_json={js}', '--dtype=float32')
+    p = run_here('evaluate.py', f'--out_dir={a}', f'--data_dir={mnist_dir}', f'--classifier_path={clf}',
+                 '--classifier_epochs=2', '--num_samples=20', '--inception=off', f'--out_json={js}', '--dtype=float32',
+                 check=True)
     rows = json.load(open(js))['rows']
     assert [(r['solver'], r['steps'], r['nfe'], r['cfg']) for r in rows] == [('meanflow', 1, 1, None)]
     assert 'no doubled batch' in p.stdout
-    one_line_error(run('evaluate.py', f'--out_dir={a}', f'--data_dir={mnist_dir}', '--runs=euler:2:2', check=False),
-                   'MeanFlow model')
-    one_line_error(run('train_dit.py', f'--out_dir={a}', '--max_iters=14', '--init_from=resume',
-                       *[c for c in common if c != '--objective=meanflow'], check=False), '--objective=meanflow')
+    one_line_error(run_here('evaluate.py', f'--out_dir={a}', f'--data_dir={mnist_dir}', '--runs=euler:2:2'), 'MeanFlow model')
+    one_line_error(run_here('train_dit.py', f'--out_dir={a}', '--max_iters=14', '--init_from=resume',
+                            *[c for c in common if c != '--objective=meanflow']), '--objective=meanflow')
 
 
 def grey_grid(x):

@@ -21,8 +21,8 @@ def test_sample_every_flow_checkpoint(which, side, rows, request, tmp_path):
     out, _ = request.getfixturevalue(which)
     npz = str(tmp_path / 'samples.npz')
     cfg = ['--cfg=2.0'] if which != 'flow_run' else []
-    p = run('sample.py', f'--out_dir={out}', '--steps=3', *cfg, '--gif', '--num_samples=23', '--batch_size=10',
-            f'--save_npz={npz}', '--solver=heun')
+    p = run_here('sample.py', f'--out_dir={out}', '--steps=3', *cfg, '--gif', '--num_samples=23', '--batch_size=10',
+                 f'--save_npz={npz}', '--solver=heun', check=True)
     tag = 'heun3_cfg2' if which != 'flow_run' else 'heun3'
     assert Image.open(os.path.join(out, f'samples_{tag}.png')).size == grid_size(rows, 8, side)
     assert '6 NFE' in p.stdout  # heun: 2 evaluations a step
@@ -63,7 +63,7 @@ def test_same_seed_same_samples_and_settings_are_used(cfg_run, tmp_path):
     x = {}
     for name, args in runs.items():
         path = str(tmp_path / f'{name}.npz')
-        run('sample.py', f'--out_dir={out}', '--steps=2', '--num_samples=6', f'--save_npz={path}', *args)
+        run_here('sample.py', f'--out_dir={out}', '--steps=2', '--num_samples=6', f'--save_npz={path}', *args, check=True)
         x[name] = np.load(path)['arr_0'].astype(float)
     assert np.array_equal(x['a'], x['b'])
     for name in ('seed', 'heun', 'steps', 'cfg0'):
@@ -73,7 +73,7 @@ def test_same_seed_same_samples_and_settings_are_used(cfg_run, tmp_path):
 @pytest.mark.parametrize('sweep,labels', [('steps', 4), ('cfg', 4)])
 def test_sweeps_write_one_figure(dit_run, sweep, labels):
     out, _ = dit_run
-    run('sample.py', f'--out_dir={out}', '--steps=2', f'--sweep={sweep}')
+    run_here('sample.py', f'--out_dir={out}', '--steps=2', f'--sweep={sweep}', check=True)
     w, h = Image.open(os.path.join(out, f'sweep_{sweep}.png')).size
     assert h > 3 * 60 and w > 10 * 60  # 4 rows of 10 classes
 

@@ -222,13 +222,13 @@ def test_in_training_evaluation_logs_quality_against_minutes(mnist_dir, tmp_path
     Image.open(os.path.join(out, 'eval.png')).load()
     # the final evaluation saw the weights of the final checkpoint: evaluate.py by hand agrees to the digit
     by_hand = str(tmp_path / 'by_hand.json')
-    run('evaluate.py', f'--ckpt={os.path.join(out, "ckpt.pt")}', f'--data_dir={mnist_dir}', '--num_samples=60',
-        '--cfg=2.0', '--steps=2', '--inception=off', f'--classifier_path={clf}', f'--out_json={by_hand}')
+    run_here('evaluate.py', f'--ckpt={os.path.join(out, "ckpt.pt")}', f'--data_dir={mnist_dir}', '--num_samples=60',
+             '--cfg=2.0', '--steps=2', '--inception=off', f'--classifier_path={clf}', f'--out_json={by_hand}', check=True)
     r = json.load(open(by_hand))['rows'][0]
     assert (r['acc'], round(r['fid_cls'], 6)) == (rows[1]['acc'], round(rows[1]['fid_cls'], 6))
     assert json.load(open(by_hand))['classifier_test_acc'] >= 0.95  # the judge itself knows the bars
     never = str(tmp_path / 'never')  # a folder has no judge of its own: one line before anything is read or written
-    one_line_error(run('train_dit.py', '--dataset=folder', '--eval_interval=5', f'--out_dir={never}', check=False),
+    one_line_error(run_here('train_dit.py', '--dataset=folder', '--eval_interval=5', f'--out_dir={never}'),
                    '--eval_interval', '--judge=cifar10')
     assert not os.path.exists(never)
 

@@ -45,7 +45,7 @@ def npz_of(path, x_nchw, y):
 
 def evaluate(npz, *args):
     """evaluate.py on an .npz of samples: (result JSON, stdout)."""
-    p = run('evaluate.py', f'--npz={npz}', '--inception=off', *args)
+    p = run_here('evaluate.py', f'--npz={npz}', '--inception=off', *args, check=True)
     return json.load(open(os.path.splitext(npz)[0] + '_eval.json')), p.stdout
 
 
@@ -103,12 +103,12 @@ def test_a_folder_trained_model_names_the_judge_of_jpeg_folders(pickles, jpegs, 
     DIR/train and DIR/test, whose folder names give CIFAR-10's label order: it knows the pickles' test images too."""
     out, clf = tiny_folder_checkpoint(str(tmp_path / 'run')), str(tmp_path / 'clf.pt')
     common = [f'--out_dir={out}', f'--data_dir={jpegs}/train', '--num_samples=100', '--steps=1', '--inception=off']
-    p = run('evaluate.py', *common, f'--out_json={tmp_path / "none.json"}')
+    p = run_here('evaluate.py', *common, f'--out_json={tmp_path / "none.json"}', check=True)
     r = json.load(open(tmp_path / 'none.json'))
     assert 'no classifier metrics for folder' in p.stdout and '--judge=cifar10' in p.stdout
     assert r['judge'] is None and r['rows'][0]['fid_cls'] is None and r['real_test'] is None
-    run('evaluate.py', *common, '--judge=cifar10', f'--judge_data_dir={jpegs}', f'--classifier_path={clf}', EPOCHS,
-        f'--out_json={tmp_path / "judged.json"}')
+    run_here('evaluate.py', *common, '--judge=cifar10', f'--judge_data_dir={jpegs}', f'--classifier_path={clf}', EPOCHS,
+             f'--out_json={tmp_path / "judged.json"}', check=True)
     r = json.load(open(tmp_path / 'judged.json'))
     assert r['classifier_test_acc'] > 0.9 and r['real_test']['acc'] > 0.9 and r['real_test']['num_samples'] == 100
     assert 0 <= r['rows'][0]['acc'] <= 1 and r['rows'][0]['fid_cls'] > 100 * r['real_test']['fid_cls']  # untrained
@@ -160,8 +160,8 @@ def test_train_dit_on_a_jpeg_folder_is_judged_by_the_cifar10_judge(jpegs, judge,
     rows = [json.loads(line) for line in open(os.path.join(out, 'eval.jsonl'))]
     assert [r['iter'] for r in rows] == [2, 4] and all(0 <= r['acc'] <= 1 and r['fid_cls'] > 0 for r in rows)
     by_hand = str(tmp_path / 'by_hand.json')
-    run('evaluate.py', f'--ckpt={os.path.join(out, "ckpt.pt")}', f'--data_dir={jpegs}/train', '--num_samples=20',
-        '--cfg=2.0', '--steps=2', '--inception=off', '--judge=cifar10', f'--judge_data_dir={jpegs}',
-        f'--classifier_path={judge}', f'--out_json={by_hand}')
+    run_here('evaluate.py', f'--ckpt={os.path.join(out, "ckpt.pt")}', f'--data_dir={jpegs}/train', '--num_samples=20',
+             '--cfg=2.0', '--steps=2', '--inception=off', '--judge=cifar10', f'--judge_data_dir={jpegs}',
+             f'--classifier_path={judge}', f'--out_json={by_hand}', check=True)
     r = json.load(open(by_hand))['rows'][0]
     assert (r['acc'], round(r['fid_cls'], 6)) == (rows[1]['acc'], round(rows[1]['fid_cls'], 6))

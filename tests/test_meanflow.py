@@ -277,7 +277,8 @@ def test_checkpoint_round_trip_and_sample_py_defaults_to_one_step(tmp_path):
     y10 = torch.arange(10)
     for steps, flag in ((1, []), (3, ['--steps=3'])):
         npz = str(tmp_path / f'{steps}.npz')
-        p = run('sample.py', f'--out_dir={tmp_path}', '--dtype=float32', '--num_samples=10', f'--save_npz={npz}', *flag)
+        p = run_here('sample.py', f'--out_dir={tmp_path}', '--dtype=float32', '--num_samples=10', f'--save_npz={npz}',
+                     *flag, check=True)
         assert f'meanflow {steps} steps = {steps} NFE (guidance trained in: no doubled batch)' in p.stdout
         assert Image.open(tmp_path / f'samples_meanflow{steps}.png').size == (8 * 8 + 9 * 2, 10 * 8 + 11 * 2)
         want = to_uint8(sample_mean_flow(net, noise(10, 1000), y10, steps=steps)).astype(float)
@@ -286,7 +287,7 @@ def test_checkpoint_round_trip_and_sample_py_defaults_to_one_step(tmp_path):
     assert np.abs(np.load(str(tmp_path / '3.npz'))['arr_0'] - one_step).mean() > 1  # --steps is used
     for flag, words in (('--solver=heun', ('MeanFlow model', 'heun')), ('--cfg=2.0', ('trained in', 'cfg')),
                         ('--sweep=cfg', ('trained in', '--sweep=cfg'))):
-        one_line_error(run('sample.py', f'--out_dir={tmp_path}', flag, check=False), *words)
+        one_line_error(run_here('sample.py', f'--out_dir={tmp_path}', flag), *words)
 
 
 MEANFLOW = [a for a in TINY_DIT if not a.startswith('--sample_steps')] + ['--objective=meanflow', '--dtype=float32']

@@ -106,8 +106,8 @@ def run(script, *args, env=None, check=True, torchrun=0):
 
 
 def run_here(script, *args, check=False):
-    """`python script *args` run in this process, for the one-line errors that stop a script before any work: no fresh
-    interpreter to start and no torch to import for each. Returns a CompletedProcess as run() does. An exception is
+    """`python script *args` run in this process: no fresh interpreter to start and no torch to import for each run
+    (run() stays for what needs a process of its own: training, torchrun, the first-run output of a command as typed). Returns a CompletedProcess as run() does. An exception is
     handed to sys.excepthook as the interpreter would (exit code 1), so a traceback shows in stderr as it would in a
     fresh process. What a script sets for itself (argv, cwd, RNG, grad mode, excepthook, signal handlers, warning
     filters) is put back after it. check=True: a nonzero exit fails the test with the script's output, as run() does."""

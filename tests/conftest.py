@@ -105,19 +105,22 @@ def run(script, *args, env=None, check=True, torchrun=0):
     return p
 
 
-def run_here(script, *args, check=False):
+def run_here(script, *args, check=False, defaults=True, propagate=False):
     """`python script *args` run in this process: no fresh interpreter to start and no torch to import for each run
-    (run() stays for what needs a process of its own: training, torchrun, the first-run output of a command as typed). Returns a CompletedProcess as run() does. An exception is
-    handed to sys.excepthook as the interpreter would (exit code 1), so a traceback shows in stderr as it would in a
-    fresh process. What a script sets for itself (argv, cwd, RNG, grad mode, excepthook, signal handlers, warning
-    filters) is put back after it. check=True: a nonzero exit fails the test with the script's output, as run() does."""
+    (run() stays for what needs a process of its own: training, torchrun, the first-run output of a command as
+    typed). Returns a CompletedProcess as run() does. An exception is handed to sys.excepthook as the interpreter
+    would (exit code 1), so a traceback shows in stderr as it would in a fresh process; propagate=True raises it in
+    the test instead (the configuration checks and fault tests, where any traceback is the bug). defaults=False: the
+    script's own defaults, without with_test_defaults. What a script sets for itself (argv, cwd, RNG, grad mode,
+    excepthook, signal handlers, warning filters) is put back after it. check=True: a nonzero exit fails the test
+    with the script's output, as run() does."""
     import contextlib
     import io
     import runpy
     import signal
     import warnings
     import torch
-    out, err, code, args = io.StringIO(), io.StringIO(), 0, with_test_defaults(script, args)
+    out, err, code, args = io.StringIO(), io.StringIO(), 0, with_test_defaults(script, args) if defaults else args
     argv, cwd, hook, grad = sys.argv, os.getcwd(), sys.excepthook, torch.is_grad_enabled()
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -132,6 +135,8 @@ def run_here(script, *args, check=False):
                 if isinstance(e.code, str):
                     print(e.code, file=sys.stderr)
             except Exception as e:
+                if propagate:
+                    raise
                 sys.excepthook(type(e), e, e.__traceback__)
                 code = 1
     finally:

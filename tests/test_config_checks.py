@@ -4,14 +4,12 @@ does, in a fresh process."""
 import ast
 import os
 import re
-import runpy
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, run
+from conftest import ROOT, run, run_here
 from model import UNet
 
 SCRIPTS = ['train_dit.py', 'train_flow_unet.py', 'train_class_cfg.py', 'train_denoiser.py', 'sample.py', 'evaluate.py',
@@ -89,46 +87,36 @@ def where(script, data, out):
             }.get(script, [f'--out_dir={out}', f'--data_dir={data}'] + (['--download=False'] if 'train' in script else []))
 
 
-def run_bare(script, args, capsys, monkeypatch):
-    """Run a script in this process as `python script *args`: (exit code, stdout, stderr). Bare, unlike
-    conftest.run_here: the script's own defaults (no test defaults added) and an exception propagates to the test,
-    which is what these checks and the fault tests rely on. The torch state a script sets at its start (grad mode,
-    RNG) is restored after it, so the tests that follow see none of it."""
-    monkeypatch.setattr(sys, 'argv', [os.path.join(ROOT, script), *args])
-    code, grad = 0, torch.is_grad_enabled()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            runpy.run_path(os.path.join(ROOT, script), run_name='__main__')
-    except SystemExit as e:
-        code = e.code
-    finally:
-        torch.set_grad_enabled(grad)
-    out, err = capsys.readouterr()
-    return code, out, err
+def run_bare(script, args):
+    """Run a script in this process as `python script *args`: (exit code, stdout, stderr). Bare: the script's own
+    defaults (no test defaults added), and an exception propagates to the test, which is what these checks and the
+    fault tests rely on."""
+    p = run_here(script, *args, defaults=False, propagate=True)
+    return p.returncode, p.stdout, p.stderr
 
 
 @pytest.mark.parametrize('script', SCRIPTS)
-def test_every_number_is_checked_before_anything_is_touched(script, dirs, capsys, monkeypatch):
+def test_every_number_is_checked_before_anything_is_touched(script, dirs):
     data, out = dirs
     nums = numbers(script)
     assert len(nums) >= 6 and 'seed' in nums
     for key, default in nums.items():
         for value in bad_values(script, key, default):
-            code, stdout, err = run_bare(script, [*where(script, data, out), f'--{key}={value!r}'], capsys, monkeypatch)
+            code, stdout, err = run_bare(script, [*where(script, data, out), f'--{key}={value!r}'])
             assert code == 2 and stdout == '', (key, value, code, stdout, err)
             assert err.count('\n') == 1 and err.startswith(f'error: --{key}=') and 'must be' in err, (key, value, err)
             assert 'Traceback' not in err and untouched(data, out), (key, value)
 
 
 @pytest.mark.parametrize('script', SCRIPTS)
-def test_defaults_and_legal_zeros_pass_the_checks(script, dirs, capsys, monkeypatch):
+def test_defaults_and_legal_zeros_pass_the_checks(script, dirs):
     """The other side: the defaults and every legal 0 get past the checks (and stop at the missing data or the dummy
     checkpoint, with a message that is not about the setting)."""
     data, out = dirs
     zero = lambda d: (type(d[0])(0),) if isinstance(d, tuple) else 0.0 if d is None else type(d)(0)
     for extra in [[]] + [[f'--{k}={zero(d)!r}'] for k, d in numbers(script).items() if k in ZERO_OK[script]]:
         try:
-            code, _, err = run_bare(script, [*where(script, data, out), *extra], capsys, monkeypatch)
+            code, _, err = run_bare(script, [*where(script, data, out), *extra])
         except FileNotFoundError as e:  # bench.py with --curves of a directory without a run: got past the checks
             assert script == 'bench.py' and 'log.jsonl' in str(e)
             continue
@@ -137,9 +125,9 @@ def test_defaults_and_legal_zeros_pass_the_checks(script, dirs, capsys, monkeypa
 
 
 @pytest.mark.parametrize('script', SCRIPTS)
-def test_help_lists_every_setting_with_its_default_and_comment(script, capsys, monkeypatch):
+def test_help_lists_every_setting_with_its_default_and_comment(script):
     for flag in ('--help', '-h'):
-        code, out, err = run_bare(script, [flag], capsys, monkeypatch)
+        code, out, err = run_bare(script, [flag])
         assert code == 0 and err == ''
         lines = out.splitlines()
         block = config_block(script)
@@ -153,23 +141,23 @@ def test_help_lists_every_setting_with_its_default_and_comment(script, capsys, m
                 assert re.search(r'[\[(]-?\d+, \d+[\])]', lines[hits[0]]), lines[hits[0]]
             positions.append(hits[0])
         assert positions == sorted(positions)  # in the order of the file
-        code, _, err = run_bare(script, ['--no_such_key=1'], capsys, monkeypatch)  # the keys are the block's, no more
+        code, _, err = run_bare(script, ['--no_such_key=1'])  # the keys are the block's, no more
         assert code == 2 and err.split('(valid keys: ')[1].rstrip(')\n').split(', ') == [k for k, _, _ in block]
         headings = [s.strip() for s in open(os.path.join(ROOT, script)).read().splitlines()
                     if s.strip() in ('# I/O', '# training', '# flow', '# model', '# system')]
         assert [line for line in lines if line in headings] == headings
 
 
-def test_help_of_train_dit_reads_as_documented(capsys, monkeypatch):
-    code, out, _ = run_bare('train_dit.py', ['--preset=none', '--help'], capsys, monkeypatch)  # the defaults
+def test_help_of_train_dit_reads_as_documented():
+    code, out, _ = run_bare('train_dit.py', ['--preset=none', '--help'])  # the defaults
     assert code == 0 and out.startswith('DiT-LLaMA rectified flow on MNIST')
     lines = out.splitlines()
     i = lines.index('# training')
     assert lines[i + 1].split() == ['--batch_size=128', '[1,', '10000000]', 'global:', 'split', 'across', 'DDP', 'processes']
     assert ['--ckpt_interval=1000', '[1,', '10000000]'] in [line.split() for line in lines[lines.index('# I/O'):i]]
     assert '--ema_decay=0.999 [0, 1)' in ' '.join(out.split()) and '--learning_rate=0.0008 (0, 10]' in ' '.join(out.split())
-    assert "--ckpt=''" in run_bare('sample.py', ['-h'], capsys, monkeypatch)[1]
-    assert '--cfg=None' in run_bare('sample.py', ['-h'], capsys, monkeypatch)[1]
+    assert "--ckpt=''" in run_bare('sample.py', ['-h'])[1]
+    assert '--cfg=None' in run_bare('sample.py', ['-h'])[1]
 
 
 def test_one_line_errors_end_to_end(tmp_path):
@@ -202,30 +190,30 @@ def tiny_checkpoint(path, num_classes):
     torch.save(dict(model_args=args, model=model.state_dict(), ema=model.state_dict(), config={'dataset': 'mnist'}), path)
 
 
-def test_cfg_in_a_config_file(tmp_path, capsys, monkeypatch):
+def test_cfg_in_a_config_file(tmp_path):
     uncond, cond = tmp_path / 'uncond', tmp_path / 'cond'
     tiny_checkpoint(str(uncond / 'ckpt.pt'), 0)
     tiny_checkpoint(str(cond / 'ckpt.pt'), 3)
     (tmp_path / 'cfg2.py').write_text('cfg = 2.0\n')
     (tmp_path / 'cfg0.py').write_text('cfg = 0\n')
     for script in ('sample.py', 'evaluate.py'):  # an unconditional model refuses guidance from a config file
-        code, _, err = run_bare(script, [str(tmp_path / 'cfg2.py'), f'--out_dir={uncond}'], capsys, monkeypatch)
+        code, _, err = run_bare(script, [str(tmp_path / 'cfg2.py'), f'--out_dir={uncond}'])
         assert code == 1 and err.count('\n') == 1 and 'is an unconditional model: guidance needs classes' in err, err
     empty = tmp_path / 'no_data'  # evaluate.py without cfg gets past the check (and stops at the missing data)
     code, _, err = run_bare('evaluate.py', [f'--out_dir={uncond}', f'--data_dir={empty}', '--inception=off',
-                                            f'--classifier_path={tmp_path / "clf.pt"}'], capsys, monkeypatch)
+                                            f'--classifier_path={tmp_path / "clf.pt"}'])
     assert code == 1 and err.startswith('error: mnist not found'), err
-    code, out, err = run_bare('sample.py', [f'--out_dir={uncond}', '--steps=2', '--per_class=1'], capsys, monkeypatch)
+    code, out, err = run_bare('sample.py', [f'--out_dir={uncond}', '--steps=2', '--per_class=1'])
     assert code == 0 and 'euler 2 steps = 2 NFE' in out and os.path.isfile(uncond / 'samples_euler2.png'), err
     common = [f'--out_dir={cond}', '--steps=2', '--per_class=1', '--num_samples=6', '--device=cpu']
     npz = {}
     for name, args in (('file0', [str(tmp_path / 'cfg0.py')]), ('flag0', ['--cfg=0']), ('default', []), ('flag2', ['--cfg=2.0'])):
-        code, out, err = run_bare('sample.py', [*args, *common, f'--save_npz={tmp_path / name}.npz'], capsys, monkeypatch)
+        code, out, err = run_bare('sample.py', [*args, *common, f'--save_npz={tmp_path / name}.npz'])
         assert code == 0, err
         npz[name] = np.load(tmp_path / f'{name}.npz')['arr_0']
     assert np.array_equal(npz['file0'], npz['flag0']) and np.array_equal(npz['default'], npz['flag2'])
     assert not np.array_equal(npz['file0'], npz['default'])  # the config file's cfg = 0 was used
     assert os.path.isfile(cond / 'samples_euler2_cfg0.png') and os.path.isfile(cond / 'samples_euler2_cfg2.png')
-    code, _, err = run_bare('evaluate.py', [f'--out_dir={cond}', '--runs=euler:2:-1'], capsys, monkeypatch)
+    code, _, err = run_bare('evaluate.py', [f'--out_dir={cond}', '--runs=euler:2:-1'])
     assert code == 1 and err == 'error: cfg -1.0 in --runs: must be a number >= 0 (and <= 100)\n'
 

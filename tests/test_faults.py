@@ -64,14 +64,10 @@ def same_run(a, b):
 
 
 @pytest.fixture()
-def here(capsys, monkeypatch):
-    """Run a script in this process: (exit code, stdout, stderr). The signal handlers and the excepthook a script
-    installs are put back after it."""
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    monkeypatch.setattr(sys, 'excepthook', sys.excepthook)
-    yield lambda script, *args: run_bare(script, list(args), capsys, monkeypatch)
-    for s, h in handlers.items():
-        signal.signal(s, h)
+def here():
+    """Run a script in this process: (exit code, stdout, stderr); the signal handlers and the excepthook a script
+    installs are put back after it (conftest.run_here)."""
+    return lambda script, *args: run_bare(script, list(args))
 
 
 @pytest.fixture(scope='module')

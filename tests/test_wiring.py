@@ -4,7 +4,6 @@ functions and classes it hands its settings to wrapped to record what they recei
 other than the script's default, so a script that drops one (and uses a default or a literal) fails."""
 import os
 import shutil
-import sys
 
 import pytest
 import torch
@@ -69,10 +68,9 @@ def received(monkeypatch):
     return got
 
 
-def train(script, mnist_dir, out, capsys, monkeypatch, *args):
-    monkeypatch.setattr(sys, 'excepthook', sys.excepthook)  # put back after the script's own
+def train(script, mnist_dir, out, *args):
     code, stdout, err = run_bare(script, [f'--data_dir={mnist_dir}', f'--out_dir={out}', *TINY.get(script, TINY_UNET),
-                                     '--dtype=float32', *args], capsys, monkeypatch)
+                                     '--dtype=float32', *args])
     assert code in (0, None), err
     return stdout
 
@@ -88,11 +86,11 @@ def defaults(script):
 
 
 @pytest.mark.parametrize('script', SCRIPTS)
-def test_every_training_setting_reaches_the_code_that_uses_it(script, mnist_dir, tmp_path, received, capsys, monkeypatch):
+def test_every_training_setting_reaches_the_code_that_uses_it(script, mnist_dir, tmp_path, received):
     given = settings(script)
     mine = defaults(script)
     assert set(given) <= set(mine) and all(mine[k] != v for k, v in given.items()), mine  # each a non-default value
-    train(script, mnist_dir, tmp_path / 'out', capsys, monkeypatch, '--max_iters=3', *[f'--{k}={v}' for k, v in given.items()])
+    train(script, mnist_dir, tmp_path / 'out', '--max_iters=3', *[f'--{k}={v}' for k, v in given.items()])
     got = received
     want = dict(lr_args=[(it, 2e-3, 1e-5, 7, 9) for it in range(3)], ema_decay=[0.05] * 3, clip=[0.7] * 3,
                 hflip=True, betas=[(0.8, 0.95)] * 3, weight_decay=[0.03] * 3,
@@ -109,28 +107,27 @@ def test_every_training_setting_reaches_the_code_that_uses_it(script, mnist_dir,
 
 
 @pytest.mark.parametrize('script', SCRIPTS)
-def test_resume_hands_the_optimizer_its_state_and_this_runs_betas(script, mnist_dir, tmp_path, received, capsys,
-                                                                   monkeypatch):
+def test_resume_hands_the_optimizer_its_state_and_this_runs_betas(script, mnist_dir, tmp_path, received):
     """A resumed run's first update starts from the checkpoint's Adam state (2 steps taken), with the betas and weight
     decay given to the resumed run (README: every setting but the network's takes the new value)."""
-    train(script, mnist_dir, tmp_path / 'out', capsys, monkeypatch, '--max_iters=2')
+    train(script, mnist_dir, tmp_path / 'out', '--max_iters=2')
     assert [s['state_step'] for s in received['step']] == [0.0, 1.0]
     received['step'].clear()
-    train(script, mnist_dir, tmp_path / 'out', capsys, monkeypatch, '--max_iters=3', '--init_from=resume', '--beta1=0.8',
+    train(script, mnist_dir, tmp_path / 'out', '--max_iters=3', '--init_from=resume', '--beta1=0.8',
           '--beta2=0.95', '--weight_decay=0.03')
     (s,) = received['step']
     assert s['state_step'] == 2.0 and s['betas'] == (0.8, 0.95) and s['weight_decay'] == 0.03, s
 
 
 @pytest.mark.parametrize('script', SCRIPTS)
-def test_compile_reaches_torch_compile_and_falls_back_alike(script, mnist_dir, tmp_path, capsys, monkeypatch):
+def test_compile_reaches_torch_compile_and_falls_back_alike(script, mnist_dir, tmp_path, monkeypatch):
     """--compile=True compiles the training model; with no C++ compiler on a CPU every script runs eager, with one note."""
     compiled = []
     monkeypatch.setattr(torch, 'compile', lambda m, *a, **k: compiled.append(type(m).__name__) or m)
     if shutil.which(os.environ.get('CXX') or 'g++'):
-        stdout = train(script, mnist_dir, tmp_path / 'a', capsys, monkeypatch, '--max_iters=1', '--compile=True')
+        stdout = train(script, mnist_dir, tmp_path / 'a', '--max_iters=1', '--compile=True')
         assert len(compiled) == 1 and 'needs a C++ compiler' not in stdout
     compiled.clear()
     monkeypatch.setenv('CXX', str(tmp_path / 'no-such-compiler'))
-    stdout = train(script, mnist_dir, tmp_path / 'b', capsys, monkeypatch, '--max_iters=1', '--compile=True')
+    stdout = train(script, mnist_dir, tmp_path / 'b', '--max_iters=1', '--compile=True')
     assert compiled == [] and stdout.count('torch.compile on a CPU needs a C++ compiler') == 1, stdout
